@@ -1,0 +1,30 @@
+"""Pallas attention kernels over a paged, pre-RoPE KV cache, with jnp references.
+
+Installed as `tokendance_jax.kernels`. Kernels never import the package.
+"""
+
+from ._body import DEFAULT_MASK_VALUE, BlockSizes
+from .paged_decode_attention import (
+    kv_cache_shape,
+    paged_decode_attention,
+    paged_decode_attention_reference,
+)
+from .ragged_paged_attention import (
+    ragged_paged_attention,
+    ragged_paged_attention_reference,
+    tile_plan,
+)
+from .rope import apply_rope, inv_freq
+
+__all__ = [
+    "DEFAULT_MASK_VALUE",
+    "BlockSizes",
+    "apply_rope",
+    "inv_freq",
+    "kv_cache_shape",
+    "paged_decode_attention",
+    "paged_decode_attention_reference",
+    "ragged_paged_attention",
+    "ragged_paged_attention_reference",
+    "tile_plan",
+]

@@ -1,0 +1,153 @@
+"""The online-softmax loop over pages shared by the decode and ragged-prefill kernels.
+
+One program handles R query rows that share a sequence (so one block-table
+row) and one KV head. Queries and keys are rotated here from logical
+positions; keys come un-rotated from the page pool.
+
+Einsum letters used across kernels/: r query rows, k key slots in a compute
+block, d head dim, p pages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+# Finite, so a fully masked row never produces NaN through (-inf) - (-inf).
+DEFAULT_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BlockSizes:
+  """Tuning knobs, kept apart from the logic."""
+
+  block_q: int = 16  # query tokens per program (ragged prefill only)
+  pages_per_block: int = 4  # pages per online-softmax step
+  num_warps: int = 4
+  num_stages: int = 2
+
+  def __post_init__(self):
+    for name in ("block_q", "pages_per_block"):
+      v = getattr(self, name)
+      if v < 1 or v & (v - 1):
+        raise ValueError(f"{name}={v} must be a power of two")
+
+
+def compiler_params(block_sizes: BlockSizes):
+  """The GPU lowering is chosen here and nowhere else (Triton via Pallas)."""
+  try:
+    from jax.experimental.pallas import triton as plgpu
+  except ImportError:  # pragma: no cover - a jax without the Triton lowering
+    return None
+  return plgpu.CompilerParams(num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages)
+
+
+def next_pow2(n: int) -> int:
+  return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def layered(k_pages, v_pages, layer):
+  """Accept one layer's pool [kv_heads, P, ps, d] or all layers' [L, kv_heads, P, ps, d].
+
+  Returns (k [L, kv_heads, P, ps, d], v, layer [1] int32). Passing every
+  layer plus an index lets a scan over layers hand the kernel the carried
+  cache without slicing (and copying) one layer out.
+  """
+  if k_pages.shape != v_pages.shape or k_pages.ndim not in (4, 5):
+    raise ValueError(f"k_pages {k_pages.shape} / v_pages {v_pages.shape} must both be "
+                     "[kv_heads, num_pages, page_size, head_dim] or [layers, ...] of that")
+  if k_pages.ndim == 4:
+    if layer is not None:
+      raise ValueError("layer is given but k_pages holds a single layer")
+    return k_pages[None], v_pages[None], jnp.zeros((1,), jnp.int32)
+  if layer is None:
+    raise ValueError(f"k_pages {k_pages.shape} holds several layers; pass layer=")
+  return k_pages, v_pages, jnp.reshape(layer, (1,)).astype(jnp.int32)
+
+
+def _dot(a, b, contract_b: int):
+  """a: [m, c] x b (contract axis `contract_b` of b) -> float32 [m, n]."""
+  precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+  return lax.dot_general(
+      a, b, (((1,), (contract_b,)), ((), ())), precision=precision,
+      preferred_element_type=jnp.float32)
+
+
+def _rope(x, pos, inv_freq, rot):
+  """x: [n, d] float32, pos: [n] int32, inv_freq: [d], rot: [d, d] -> rotated [n, d]."""
+  angle = pos.astype(jnp.float32)[:, None] * inv_freq[None, :]
+  return x * jnp.cos(angle) + _dot(x, rot, 0) * jnp.sin(angle)
+
+
+def attend_pages(
+    q,  # [r, d] un-rotated queries of one KV head's group
+    q_pos,  # [r] int32 logical position per row; -1 marks a padding row
+    k_pages_ref,  # [num_pages, page_size, d] un-rotated keys of this KV head
+    v_pages_ref,  # [num_pages, page_size, d]
+    block_table_ref,  # [pages_per_seq] physical page of each logical block
+    inv_freq,  # [d] float32
+    rot,  # [d, d] float32 rotate-half matrix
+    *,
+    sm_scale: float,
+    pages_per_block: int,
+    mask_value: float,
+):
+  """Causal-by-position attention of q over its sequence's pages -> [r, d] float32."""
+  rows, head_dim = q.shape
+  page_size = k_pages_ref.shape[1]
+  block_k = pages_per_block * page_size
+  compute_dtype = k_pages_ref.dtype
+
+  qf = _rope(q.astype(jnp.float32), q_pos, inv_freq, rot) * sm_scale
+  qc = qf.astype(compute_dtype)
+  max_pos = jnp.max(q_pos)
+  num_blocks = lax.div(max_pos + block_k, block_k)  # cdiv(max_pos + 1, block_k); 0 if all pad
+
+  def body(i, carry):
+    o, m, l = carry
+    pages = block_table_ref[pl.ds(i * pages_per_block, pages_per_block)]  # [pages_per_block]
+    k = k_pages_ref[pages].reshape(block_k, head_dim).astype(jnp.float32)  # [k, d]
+    v = v_pages_ref[pages].reshape(block_k, head_dim)  # [k, d]
+    k_pos = i * block_k + lax.broadcasted_iota(jnp.int32, (block_k,), 0)  # [k]
+    k_rot = _rope(k, k_pos, inv_freq, rot).astype(compute_dtype)
+    s = _dot(qc, k_rot, 1)  # [r, k]
+    mask = k_pos[None, :] <= q_pos[:, None]
+    s = jnp.where(mask, s, mask_value)
+    m_next = jnp.maximum(m, s.max(axis=1))
+    p = jnp.where(mask, jnp.exp(s - m_next[:, None]), 0.0)
+    alpha = jnp.exp(m - m_next)
+    # Slots past the last query are never read as data: zero them so NaN
+    # padding in unwritten slots cannot leak through 0 * NaN.
+    v = jnp.where((k_pos <= max_pos)[:, None], v, jnp.zeros_like(v))
+    o = alpha[:, None] * o + _dot(p.astype(v.dtype), v, 0)
+    return o, m_next, alpha * l + p.sum(axis=1)
+
+  o = jnp.zeros((rows, head_dim), jnp.float32)
+  m = jnp.full((rows,), mask_value, jnp.float32)
+  l = jnp.zeros((rows,), jnp.float32)
+  o, m, l = lax.fori_loop(0, num_blocks, body, (o, m, l))
+  return o / jnp.where(l == 0.0, 1.0, l)[:, None]
+
+
+def rope_reference(x, pos, inv_freq):
+  """Plain rotate-half RoPE for the references: x [..., d], pos [...] -> [..., d] float32."""
+  angle = pos.astype(jnp.float32)[..., None] * inv_freq
+  x = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return x * jnp.cos(angle) + jnp.concatenate([-x2, x1], axis=-1) * jnp.sin(angle)
+
+
+def softmax_attend_reference(q, k, v, mask, sm_scale, mask_value=DEFAULT_MASK_VALUE):
+  """q [r, d], k/v [n, d] (already rotated), mask [r, n] -> [r, d] float32; all-masked rows -> 0."""
+  s = jnp.einsum("rd,nd->rn", q, k, precision=lax.Precision.HIGHEST) * sm_scale
+  s = jnp.where(mask, s, mask_value)
+  p = jnp.where(mask, jnp.exp(s - s.max(axis=-1, keepdims=True)), 0.0)
+  denom = p.sum(axis=-1, keepdims=True)
+  # Slots no row may see hold padding (NaN in tests): keep them out of 0 * NaN.
+  v = jnp.where(mask.any(axis=0)[:, None], v.astype(jnp.float32), 0.0)
+  out = jnp.einsum("rn,nd->rd", p, v, precision=lax.Precision.HIGHEST)
+  return out / jnp.where(denom == 0.0, 1.0, denom)
+

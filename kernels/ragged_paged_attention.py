@@ -1,0 +1,249 @@
+"""Ragged paged prefill attention: a flat list of query tokens from many sequences.
+
+Each query token carries its sequence id and logical position and attends,
+causally by position, to its sequence's pages. One kernel serves plain
+prefill, chunked prefill and selective recompute of scattered tokens (the
+queries are then just the recomputed tokens). Keys are stored before RoPE and
+rotated in-kernel.
+
+Queries are regrouped into tiles of `block_q` tokens of one sequence (the
+tile plan, computed in jnp inside jit), so each program reads a single
+block-table row.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jax.experimental import pallas as pl
+
+from . import _body
+from ._body import DEFAULT_MASK_VALUE, BlockSizes
+from .rope import inv_freq as _inv_freq
+from .rope import rotate_half_matrix
+
+
+def _kernel(
+    q_ref,  # [r, d] rows = block_q tokens x padded query-head group
+    q_pos_ref,  # [r] int32
+    layer_ref,  # [1] int32 layer to read
+    k_pages_ref,  # [layers, num_pages, page_size, d] this KV head, every layer
+    v_pages_ref,  # [layers, num_pages, page_size, d]
+    block_table_ref,  # [pages_per_seq]
+    inv_freq_ref,  # [d]
+    rot_ref,  # [d, d]
+    o_ref,  # [r, d]
+    *,
+    sm_scale: float,
+    pages_per_block: int,
+    mask_value: float,
+):
+  o = _body.attend_pages(
+      q_ref[...], q_pos_ref[...], k_pages_ref.at[layer_ref[0]], v_pages_ref.at[layer_ref[0]],
+      block_table_ref,
+      inv_freq_ref[...], rot_ref[...], sm_scale=sm_scale,
+      pages_per_block=pages_per_block, mask_value=mask_value)
+  o_ref[...] = o.astype(o_ref.dtype)
+
+
+def tile_plan(q_seq_ids, q_positions, num_seqs: int, block_q: int):
+  """Group flat query tokens into tiles of one sequence each.
+
+  Args:
+    q_seq_ids: [t] int32 sequence of each token.
+    q_positions: [t] int32 logical position; -1 marks padding.
+    num_seqs: number of block-table rows.
+    block_q: tokens per tile.
+
+  Returns:
+    token_index: [n_tiles, block_q] int32 flat token per tile row; t = padding.
+    tile_seq: [n_tiles] int32 sequence of each tile (0 for empty tiles).
+  """
+  t = q_seq_ids.shape[0]
+  n_tiles = -(-t // block_q) + min(num_seqs, t)
+  valid = q_positions >= 0
+  key = jnp.where(valid, q_seq_ids, num_seqs)
+  order = jnp.argsort(key, stable=True)  # [t] tokens grouped by sequence, padding last
+  seq_sorted = key[order]
+  counts = jnp.zeros(num_seqs + 1, jnp.int32).at[key].add(1)[:num_seqs]
+  tiles_per_seq = -(-counts // block_q)
+  first_tile = jnp.cumsum(tiles_per_seq) - tiles_per_seq
+  first_token = jnp.cumsum(counts) - counts
+  seq_c = jnp.minimum(seq_sorted, num_seqs - 1)
+  rank = jnp.arange(t, dtype=jnp.int32) - first_token[seq_c]
+  tile = jnp.where(seq_sorted < num_seqs, first_tile[seq_c] + rank // block_q, n_tiles)
+  row = rank % block_q
+  token_index = jnp.full((n_tiles, block_q), t, jnp.int32).at[tile, row].set(
+      order.astype(jnp.int32), mode="drop")
+  tile_seq = jnp.zeros((n_tiles,), jnp.int32).at[tile].set(seq_c, mode="drop")
+  return token_index, tile_seq
+
+
+def _check_args(q, k_pages, v_pages, block_tables, q_positions, q_seq_ids):
+  if q.ndim != 3:
+    raise ValueError(f"q must be [tokens, heads, head_dim], got shape {q.shape}")
+  if q.shape[-1] != k_pages.shape[-1]:
+    raise ValueError(f"head_dim of q ({q.shape[-1]}) != head_dim of pages ({k_pages.shape[-1]})")
+  if q.shape[1] % k_pages.shape[-4]:
+    raise ValueError(f"query heads ({q.shape[1]}) not a multiple of kv heads ({k_pages.shape[-4]})")
+  if q_positions.shape != q.shape[:1] or q_seq_ids.shape != q.shape[:1]:
+    raise ValueError(f"q_positions {q_positions.shape} and q_seq_ids {q_seq_ids.shape} must be "
+                     f"[{q.shape[0]}]")
+  if block_tables.ndim != 2:
+    raise ValueError(f"block_tables must be [num_seqs, pages_per_seq], got {block_tables.shape}")
+
+
+@functools.partial(
+    jax.jit, static_argnames=("rope_theta", "sm_scale", "block_sizes", "interpret", "mask_value"))
+def ragged_paged_attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    block_tables: jax.Array,
+    q_positions: jax.Array,
+    q_seq_ids: jax.Array,
+    *,
+    layer: jax.Array | None = None,
+    rope_theta: float,
+    sm_scale: float | None = None,
+    block_sizes: BlockSizes = BlockSizes(),
+    interpret: bool = False,
+    mask_value: float = DEFAULT_MASK_VALUE,
+) -> jax.Array:
+  """Ragged paged attention with in-kernel RoPE.
+
+  Args:
+    q: [t, n_heads, d] un-rotated queries, flat over all sequences.
+    k_pages: [kv_heads, num_pages, page_size, d] keys before RoPE, or
+      [layers, kv_heads, num_pages, page_size, d] together with `layer`.
+    v_pages: same shape as k_pages.
+    block_tables: [num_seqs, pages_per_seq] int32 physical page per logical block.
+    q_positions: [t] int32 logical position of each query; -1 marks padding.
+    q_seq_ids: [t] int32 block-table row of each query.
+    layer: int32 scalar, the layer to read when the pools hold every layer.
+    rope_theta: RoPE base.
+    sm_scale: softmax scale; default 1/sqrt(d).
+    block_sizes: tuning (tokens per tile, pages per step, warps, stages).
+    interpret: run the Pallas kernel in interpret mode (CPU).
+
+  Returns:
+    [t, n_heads, d] attention output; padding rows are zero. Each query sees
+    keys at positions <= its own, which must already be written.
+  """
+  _check_args(q, k_pages, v_pages, block_tables, q_positions, q_seq_ids)
+  pool_k, pool_v, layer_idx = _body.layered(k_pages, v_pages, layer)
+  layers = pool_k.shape[0]
+  t, n_heads, d = q.shape
+  kv_heads = pool_k.shape[1]
+  group = n_heads // kv_heads
+  group_pad = _body.next_pow2(group)
+  block_q = block_sizes.block_q
+  ppb = block_sizes.pages_per_block
+  sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+  num_seqs, pages_per_seq = block_tables.shape
+
+  token_index, tile_seq = tile_plan(q_seq_ids, q_positions, num_seqs, block_q)
+  n_tiles = token_index.shape[0]
+  rows = block_q * group_pad
+  # [t + 1, kv_heads, group_pad, d] with a zero padding token at index t.
+  q_g = jnp.pad(q.reshape(t, kv_heads, group, d), ((0, 1), (0, 0), (0, group_pad - group), (0, 0)))
+  q_tiles = q_g[token_index].transpose(0, 2, 1, 3, 4).reshape(n_tiles, kv_heads, rows, d)
+  pos_pad = jnp.concatenate([q_positions.astype(jnp.int32), jnp.full((1,), -1, jnp.int32)])
+  pos_tiles = jnp.repeat(pos_pad[token_index], group_pad, axis=1)  # [n_tiles, rows]
+  tables = jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, -pages_per_seq % ppb)))[tile_seq]
+
+  kernel = functools.partial(_kernel, sm_scale=sm_scale, pages_per_block=ppb, mask_value=mask_value)
+  out = pl.pallas_call(
+      kernel,
+      grid=(n_tiles, kv_heads),
+      in_specs=[
+          pl.BlockSpec((None, None, rows, d), lambda i, h: (i, h, 0, 0)),
+          pl.BlockSpec((None, rows), lambda i, h: (i, 0)),
+          pl.BlockSpec((1,), lambda i, h: (0,)),
+          pl.BlockSpec((layers, None, *pool_k.shape[2:]), lambda i, h: (0, h, 0, 0, 0)),
+          pl.BlockSpec((layers, None, *pool_k.shape[2:]), lambda i, h: (0, h, 0, 0, 0)),
+          pl.BlockSpec((None, tables.shape[1]), lambda i, h: (i, 0)),
+          pl.BlockSpec((d,), lambda i, h: (0,)),
+          pl.BlockSpec((d, d), lambda i, h: (0, 0)),
+      ],
+      out_specs=pl.BlockSpec((None, None, rows, d), lambda i, h: (i, h, 0, 0)),
+      out_shape=jax.ShapeDtypeStruct((n_tiles, kv_heads, rows, d), q.dtype),
+      interpret=interpret,
+      compiler_params=_body.compiler_params(block_sizes),
+      name="ragged_paged_attention",
+  )(q_tiles, pos_tiles, layer_idx, pool_k, pool_v, tables,
+    jnp.asarray(_inv_freq(d, rope_theta)), jnp.asarray(rotate_half_matrix(d)))
+
+  # [n_tiles, block_q, kv_heads, group, d] -> scatter rows back to flat tokens.
+  out = out.reshape(n_tiles, kv_heads, block_q, group_pad, d)[:, :, :, :group]
+  out = out.transpose(0, 2, 1, 3, 4).reshape(n_tiles * block_q, n_heads, d)
+  flat = jnp.zeros((t + 1, n_heads, d), q.dtype).at[token_index.reshape(-1)].set(out, mode="drop")
+  return flat[:t]
+
+
+@functools.partial(jax.jit, static_argnames=("rope_theta", "sm_scale", "block_sizes", "interpret",
+                                             "mask_value"))
+def ragged_paged_attention_reference(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    block_tables: jax.Array,
+    q_positions: jax.Array,
+    q_seq_ids: jax.Array,
+    *,
+    layer: jax.Array | None = None,
+    rope_theta: float,
+    sm_scale: float | None = None,
+    block_sizes: BlockSizes = BlockSizes(),
+    interpret: bool = False,
+    mask_value: float = DEFAULT_MASK_VALUE,
+) -> jax.Array:
+  """Plain-jnp ragged paged attention, same signature (tuning args ignored).
+
+  Works sequence-chunk by chunk with `lax.map` so memory stays bounded: each
+  step gathers one tile's sequence pages densely and attends.
+  """
+  del interpret
+  _check_args(q, k_pages, v_pages, block_tables, q_positions, q_seq_ids)
+  pool_k, pool_v, layer_idx = _body.layered(k_pages, v_pages, layer)
+  k_pages, v_pages = pool_k[layer_idx[0]], pool_v[layer_idx[0]]
+  t, n_heads, d = q.shape
+  kv_heads, _, page_size, _ = k_pages.shape
+  group = n_heads // kv_heads
+  sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+  freqs = jnp.asarray(_inv_freq(d, rope_theta))
+  block_q = max(block_sizes.block_q, 64)
+  token_index, tile_seq = tile_plan(q_seq_ids, q_positions, block_tables.shape[0], block_q)
+  q_pad = jnp.pad(q, ((0, 1), (0, 0), (0, 0)))
+  pos_pad = jnp.concatenate([q_positions.astype(jnp.int32), jnp.full((1,), -1, jnp.int32)])
+  ctx = block_tables.shape[1] * page_size
+  k_pos = jnp.arange(ctx, dtype=jnp.int32)
+
+  def one_tile(args):
+    idx, seq = args  # [block_q], []
+    pos = pos_pad[idx]  # [block_q]
+    pages = block_tables[seq]
+    k = k_pages[:, pages].reshape(kv_heads, ctx, d)
+    v = v_pages[:, pages].reshape(kv_heads, ctx, d)
+    k = _body.rope_reference(k, k_pos[None, :], freqs)
+    qr = _body.rope_reference(q_pad[idx], pos[:, None], freqs)  # [block_q, n_heads, d]
+    mask = k_pos[None, :] <= pos[:, None]  # [block_q, ctx]
+
+    def head(h):
+      qh = qr[:, h]  # [block_q, d]
+      kh = h // group
+      return _body.softmax_attend_reference(qh, k[kh], v[kh], mask, sm_scale, mask_value)
+
+    return jnp.stack([head(h) for h in range(n_heads)], axis=1)  # [block_q, n_heads, d]
+
+  out = jax.lax.map(one_tile, (token_index, tile_seq))  # [n_tiles, block_q, n_heads, d]
+  flat = jnp.zeros((t + 1, n_heads, d), jnp.float32).at[token_index.reshape(-1)].set(
+      out.reshape(-1, n_heads, d), mode="drop")
+  return flat[:t].astype(q.dtype)
+
+
+

@@ -1,0 +1,48 @@
+"""Rotary position embedding (rotate-half layout) shared by the attention kernels.
+
+Keys live in the page pool *before* RoPE; kernels rotate them from each
+token's logical position as they are read, so one physical page serves any
+sequence at any offset.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+import numpy as np
+
+
+@functools.cache
+def inv_freq(head_dim: int, theta: float) -> np.ndarray:
+  """[head_dim] float32: frequency of each feature (the half-table repeated twice)."""
+  half = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+  freqs = (1.0 / (np.float32(theta) ** half)).astype(np.float32)
+  return np.concatenate([freqs, freqs])
+
+
+@functools.cache
+def rotate_half_matrix(head_dim: int) -> np.ndarray:
+  """[head_dim, head_dim] float32 R with x @ R == concat(-x[D/2:], x[:D/2]).
+
+  Kernels use a matmul instead of slicing a value, which Triton cannot do.
+  """
+  half = head_dim // 2
+  r = np.zeros((head_dim, head_dim), np.float32)
+  r[np.arange(half) + half, np.arange(half)] = -1.0
+  r[np.arange(half), np.arange(half) + half] = 1.0
+  return r
+
+
+def rotate_half(x):
+  """x: [..., D] -> concat(-x2, x1)."""
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rope(x, positions, theta: float):
+  """Rotate x: [..., T, H, D] at positions [..., T] (float32 math)."""
+  freqs = jnp.asarray(inv_freq(x.shape[-1], theta))
+  angle = positions.astype(jnp.float32)[..., None, None] * freqs  # [..., T, 1, D]
+  xf = x.astype(jnp.float32)
+  return (xf * jnp.cos(angle) + rotate_half(xf) * jnp.sin(angle)).astype(x.dtype)

