@@ -1,0 +1,100 @@
+"""Page allocator and block tables: no leak, no double free, all-or-nothing allocation."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tokendance_jax.paging import NULL_PAGE, BlockTable, OutOfPages, PageAllocator
+
+
+def test_alloc_is_all_or_nothing():
+  a = PageAllocator(5)
+  got = a.alloc(3)
+  assert NULL_PAGE not in got and len(set(got)) == 3
+  with pytest.raises(OutOfPages) as e:
+    a.alloc(2)
+  assert e.value.requested == 2 and e.value.free == 1
+  assert a.num_free == 1  # the failed call took nothing
+
+
+def test_double_free_and_bad_pages_raise():
+  a = PageAllocator(4)
+  (p,) = a.alloc(1)
+  a.free([p])
+  with pytest.raises(ValueError, match="not allocated"):
+    a.free([p])
+  with pytest.raises(ValueError, match="out of range"):
+    a.share([0])
+  q, r = a.alloc(2)
+  with pytest.raises(ValueError, match="double free"):
+    a.free([q, q])
+  assert a.refcount(q) == 1  # refused call changed nothing
+  a.check_invariants()
+
+
+def test_shared_page_lives_until_last_reference():
+  a = PageAllocator(4)
+  (p,) = a.alloc(1)
+  a.share([p])
+  assert a.free([p]) == []
+  assert a.free([p]) == [p]
+  a.check_invariants()
+
+
+def test_block_table_grows_and_pads():
+  a = PageAllocator(10)
+  t = BlockTable(page_size=4)
+  assert len(t.ensure(9, a)) == 3 and t.capacity() == 12
+  assert t.ensure(12, a) == []
+  row = t.as_row(6)
+  assert list(row[3:]) == [NULL_PAGE] * 3
+  with pytest.raises(ValueError, match="does not fit"):
+    t.as_row(2)
+  t.release(a)
+  assert a.num_free == 9
+
+
+ops = st.lists(
+    st.tuples(st.sampled_from(["alloc", "share", "free", "free_table"]), st.integers(0, 6)),
+    max_size=60)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops)
+def test_random_sequences_never_leak_or_double_free(program):
+  """Model the allocator with a multiset of held references and check it after each op."""
+  a = PageAllocator(12)
+  held: list[int] = []  # one entry per reference we own
+  tables: list[BlockTable] = []
+  for op, n in program:
+    if op == "alloc":
+      try:
+        held += a.alloc(n)
+      except OutOfPages:
+        assert n > a.num_free
+    elif op == "share" and held:
+      pages = held[: n % len(held) + 1]
+      a.share(pages)
+      held += pages
+    elif op == "free" and held:
+      pages, held = held[:n], held[n:]
+      a.free(pages)
+    elif op == "free_table":
+      t = BlockTable(page_size=2)
+      try:
+        t.ensure(n, a)
+        tables.append(t)
+      except OutOfPages:
+        pass
+      if len(tables) > 2:
+        tables.pop(0).release(a)
+    a.check_invariants()
+    owned = set(held) | {p for t in tables for p in t.pages}
+    assert a.num_used == len(owned)
+    for p in owned:
+      assert a.refcount(p) == held.count(p) + sum(t.pages.count(p) for t in tables)
+  a.free(held)
+  for t in tables:
+    t.release(a)
+  assert a.num_used == 0
+  a.check_invariants()

@@ -1,0 +1,267 @@
+"""Continuous-batching generation over the paged KV cache.
+
+A `Sequence` owns a block table; its `tokens` are prompt plus generated ids
+and `num_computed` of them have K/V in the cache. Each `step` runs one
+jit-compiled forward: a ragged prefill batch (chunked) while any admitted
+sequence has more than one uncomputed token, otherwise a decode batch of every
+running sequence. Sequences join and leave between steps. Shapes are padded to
+power-of-two buckets so a steady state never recompiles, and each step makes a
+single device-to-host copy (the sampled tokens).
+
+When the pool runs out of pages the newest running sequence is preempted:
+its pages are freed and it is re-queued to recompute later; no other
+sequence's pages are touched.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import itertools
+
+import jax
+import numpy as np
+
+from tokendance_jax import model, sampling
+from tokendance_jax.config import AttentionConfig, CacheConfig, ModelConfig
+from tokendance_jax.paging import BlockTable, OutOfPages, PageAllocator, pages_needed
+from tokendance_jax.sampling import SamplingParams
+
+
+@dataclasses.dataclass
+class Sequence:
+  seq_id: int
+  prompt: list[int]
+  params: SamplingParams
+  table: BlockTable
+  tokens: list[int]
+  num_computed: int = 0
+  finish_reason: str | None = None
+
+  @property
+  def output(self) -> list[int]:
+    return self.tokens[len(self.prompt):]
+
+  @property
+  def pending(self) -> int:
+    return len(self.tokens) - self.num_computed
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+  seq_id: int
+  prompt_ids: list[int]
+  output_ids: list[int]
+  finish_reason: str  # "stop" (EOS / stop token) or "length"
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+  """Smallest power of two >= max(n, minimum)."""
+  n = max(n, minimum)
+  return 1 << (n - 1).bit_length()
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "attn", "decode"), donate_argnames=("cache",))
+def _model_step(params, cache, batch, samp, *, cfg, attn, decode):
+  logits, cache = model.forward(params, cache, batch, cfg=cfg, attn=attn, decode=decode)
+  return sampling.sample(logits, samp), cache
+
+
+class Engine:
+  """Paged, continuously batched generation for one model.
+
+  Args:
+    params: params pytree (see `weights.load_params` / `model.init_params`).
+    cfg: the model config.
+    cache_cfg: page pool geometry.
+    attn: attention implementation; default picks kernels on GPU and the jnp
+      reference on CPU (`AttentionConfig.default_for_backend`).
+    max_batch: most sequences running at once.
+    max_prefill_tokens: tokens per prefill step (longer prompts are chunked).
+  """
+
+  def __init__(self, params, cfg: ModelConfig, *, cache_cfg: CacheConfig = CacheConfig(),
+               attn: AttentionConfig | None = None, max_batch: int = 32,
+               max_prefill_tokens: int = 512):
+    if max_batch < 1 or max_prefill_tokens < 16:
+      raise ValueError(f"max_batch={max_batch} must be >= 1 and "
+                       f"max_prefill_tokens={max_prefill_tokens} >= 16")
+    self.params, self.cfg, self.cache_cfg = params, cfg, cache_cfg
+    self.attn = attn or AttentionConfig.default_for_backend()
+    self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
+    self.cache = model.KVCache.create(cfg, cache_cfg)
+    self.allocator = PageAllocator(cache_cfg.num_pages)
+    self.waiting: collections.deque[Sequence] = collections.deque()
+    self.running: list[Sequence] = []
+    self.finished: dict[int, Sequence] = {}
+    self.num_preemptions = 0
+    self.num_steps = 0
+    self._ids = itertools.count()
+
+  # -- requests --------------------------------------------------------------
+
+  def add_request(self, prompt_ids, params: SamplingParams = SamplingParams()) -> int:
+    """Queue a prompt; returns its sequence id. Raises ValueError on bad input."""
+    prompt = [int(t) for t in prompt_ids]
+    if not prompt:
+      raise ValueError("prompt is empty")
+    bad = [t for t in prompt if not 0 <= t < self.cfg.vocab_size]
+    if bad:
+      raise ValueError(f"token ids {bad[:5]} outside the vocabulary [0, {self.cfg.vocab_size})")
+    total = len(prompt) + params.max_tokens
+    if total > self.cfg.max_seq_len:
+      raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = "
+                       f"{total} exceeds the model context {self.cfg.max_seq_len}")
+    need = pages_needed(total, self.cache_cfg.page_size)
+    if need > self.cache_cfg.num_pages - 1:
+      raise ValueError(f"request needs {need} pages; the pool has {self.cache_cfg.num_pages - 1}")
+    seq = Sequence(seq_id=next(self._ids), prompt=prompt, params=params,
+                   table=BlockTable(self.cache_cfg.page_size), tokens=list(prompt))
+    self.waiting.append(seq)
+    return seq.seq_id
+
+  def has_unfinished(self) -> bool:
+    return bool(self.waiting or self.running)
+
+  def pop_finished(self, seq_id: int) -> GenerationResult:
+    seq = self.finished.pop(seq_id)
+    return GenerationResult(seq.seq_id, seq.prompt, seq.output, seq.finish_reason)
+
+  def generate(self, prompts, params: SamplingParams | list[SamplingParams] = SamplingParams(),
+               progress: bool = False) -> list[GenerationResult]:
+    """Generate for every prompt (token-id lists); results in prompt order."""
+    plist = params if isinstance(params, list) else [params] * len(prompts)
+    if len(plist) != len(prompts):
+      raise ValueError(f"{len(plist)} sampling params for {len(prompts)} prompts")
+    ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist, strict=True)]
+    bar = _progress(sum(sp.max_tokens for sp in plist), progress)
+    while self.has_unfinished():
+      before = self._generated_count()
+      self.step()
+      bar.update(self._generated_count() - before)
+    bar.close()
+    return [self.pop_finished(i) for i in ids]
+
+  def _generated_count(self) -> int:
+    seqs = itertools.chain(self.running, self.waiting, self.finished.values())
+    return sum(len(s.output) for s in seqs)
+
+  # -- scheduling --------------------------------------------------------------
+
+  def step(self) -> None:
+    """Admit what fits, then run one prefill or one decode batch."""
+    self._admit()
+    if not self.running:
+      return
+    prefill = [s for s in self.running if s.pending > 1]
+    if prefill:
+      self._run(self._pack_prefill(prefill), decode=False)
+    else:
+      self._run(self._reserve_decode(), decode=True)
+    self.num_steps += 1
+
+  def _admit(self) -> None:
+    while self.waiting and len(self.running) < self.max_batch:
+      seq = self.waiting[0]
+      try:
+        seq.table.ensure(len(seq.tokens), self.allocator)
+      except OutOfPages:
+        if not self.running:  # cannot happen: add_request checked the pool size
+          raise
+        return
+      self.running.append(self.waiting.popleft())
+
+  def _pack_prefill(self, seqs: list[Sequence]) -> list[tuple[Sequence, int]]:
+    """Chunks (seq, n_tokens) filling at most max_prefill_tokens."""
+    budget, chunks = self.max_prefill_tokens, []
+    for seq in seqs:
+      if budget == 0:
+        break
+      n = min(seq.pending, budget)
+      chunks.append((seq, n))
+      budget -= n
+    return chunks
+
+  def _reserve_decode(self) -> list[tuple[Sequence, int]]:
+    """One token per running sequence, preempting the newest when pages run out."""
+    i = 0
+    while i < len(self.running):
+      seq = self.running[i]
+      try:
+        seq.table.ensure(len(seq.tokens), self.allocator)
+        i += 1
+      except OutOfPages:
+        self._preempt(self.running[-1])
+    return [(s, 1) for s in self.running]
+
+  def _preempt(self, seq: Sequence) -> None:
+    seq.table.release(self.allocator)
+    seq.num_computed = 0
+    self.running.remove(seq)
+    self.waiting.appendleft(seq)
+    self.num_preemptions += 1
+
+  # -- execution ---------------------------------------------------------------
+
+  def _run(self, chunks: list[tuple[Sequence, int]], decode: bool) -> None:
+    batch, sampled_rows = self._build_batch(chunks, decode)
+    rows = batch.block_tables.shape[0]
+    samp = sampling.SamplingArrays.from_params(
+        [s.params if r in sampled_rows else None for r, (s, _) in enumerate(chunks)],
+        [len(s.output) for s, _ in chunks], rows)
+    tokens, self.cache = _model_step(self.params, self.cache, batch, samp,
+                                     cfg=self.cfg, attn=self.attn, decode=decode)
+    tokens = np.asarray(tokens)  # the step's one device-to-host copy
+    for r, (seq, n) in enumerate(chunks):
+      seq.num_computed += n
+      if r in sampled_rows:
+        self._append(seq, int(tokens[r]))
+
+  def _build_batch(self, chunks, decode: bool):
+    """Pad the chunks into a bucketed `model.Batch`; returns it and the rows that sample."""
+    total = sum(n for _, n in chunks)
+    t = len(chunks) if decode else bucket(total, 16)
+    rows = bucket(len(chunks))
+    if decode:
+      t = rows
+    width = bucket(max(len(s.table.pages) for s, _ in chunks), 4)
+    tokens = np.zeros(t, np.int32)
+    positions = np.full(t, -1, np.int32)
+    seq_ids = np.zeros(t, np.int32)
+    tables = np.zeros((rows, width), np.int32)
+    logits_index = np.zeros(rows, np.int32)
+    sampled_rows, cursor = set(), 0
+    for r, (seq, n) in enumerate(chunks):
+      start = seq.num_computed
+      tokens[cursor:cursor + n] = seq.tokens[start:start + n]
+      positions[cursor:cursor + n] = np.arange(start, start + n)
+      seq_ids[cursor:cursor + n] = r
+      tables[r] = seq.table.as_row(width)
+      if start + n == len(seq.tokens):
+        sampled_rows.add(r)
+        logits_index[r] = cursor + n - 1
+      cursor += n
+    batch = model.Batch(tokens=tokens, positions=positions, seq_ids=seq_ids,
+                        block_tables=tables, logits_index=logits_index)
+    return batch, sampled_rows
+
+  def _append(self, seq: Sequence, token: int) -> None:
+    seq.tokens.append(token)
+    p = seq.params
+    if (token in p.stop_token_ids) or (not p.ignore_eos and token in self.cfg.eos_ids):
+      self._finish(seq, "stop")
+    elif len(seq.output) >= p.max_tokens or len(seq.tokens) >= self.cfg.max_seq_len:
+      self._finish(seq, "length")
+
+  def _finish(self, seq: Sequence, reason: str) -> None:
+    seq.finish_reason = reason
+    seq.table.release(self.allocator)
+    self.running.remove(seq)
+    self.finished[seq.seq_id] = seq
+
+
+def _progress(total: int, enabled: bool):
+  from tqdm import tqdm
+
+  return tqdm(total=total, disable=not enabled, unit="tok", desc="generate", leave=False)
