@@ -73,7 +73,7 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> dict:
   layers["attn_norm"] = jnp.ones((l, d), dtype)
   layers["mlp_norm"] = jnp.ones((l, d), dtype)
   return {
-      "embed": jax.random.normal(keys[0], (cfg.vocab_size, d)).astype(dtype),
+      "embed": (0.1 * jax.random.normal(keys[0], (cfg.vocab_size, d))).astype(dtype),
       "final_norm": jnp.ones((d,), dtype),
       "layers": layers,
   }
