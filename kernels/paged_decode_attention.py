@@ -34,6 +34,8 @@ def _kernel(
     k_pages_ref,  # [layers, num_pages, page_size, d] this KV head, every layer
     v_pages_ref,  # [layers, num_pages, page_size, d]
     block_table_ref,  # [pages_per_seq]
+    block_pos_ref,  # [pages_per_seq]
+    block_len_ref,  # [pages_per_seq]
     inv_freq_ref,  # [d]
     rot_ref,  # [d, d]
     o_ref,  # [r, d]
@@ -44,7 +46,7 @@ def _kernel(
 ):
   o = _body.attend_pages(
       q_ref[...], q_pos_ref[...], k_pages_ref.at[layer_ref[0]], v_pages_ref.at[layer_ref[0]],
-      block_table_ref,
+      block_table_ref, block_pos_ref, block_len_ref,
       inv_freq_ref[...], rot_ref[...], sm_scale=sm_scale,
       pages_per_block=pages_per_block, mask_value=mask_value)
   o_ref[...] = o.astype(o_ref.dtype)
@@ -72,6 +74,8 @@ def paged_decode_attention(
     block_tables: jax.Array,
     positions: jax.Array,
     *,
+    block_pos: jax.Array | None = None,
+    block_len: jax.Array | None = None,
     layer: jax.Array | None = None,
     rope_theta: float,
     sm_scale: float | None = None,
@@ -90,6 +94,10 @@ def paged_decode_attention(
     positions: [batch] int32 position of the query (its own K/V already
       written there); the sequence's keys are positions 0..positions[b].
       -1 marks an idle batch slot (output zero).
+    block_pos: [rows, pages_per_seq] int32 logical position of slot 0 of each
+      block, increasing along a row; default j * page_size.
+    block_len: [rows, pages_per_seq] int32 valid slots per block (0 marks an
+      unused entry); default page_size.
     layer: int32 scalar, the layer to read when the pools hold every layer.
     rope_theta: RoPE base.
     sm_scale: softmax scale; default 1/sqrt(d).
@@ -111,7 +119,8 @@ def paged_decode_attention(
 
   q_g = jnp.pad(q.reshape(batch, kv_heads, group, d), ((0, 0), (0, 0), (0, rows - group), (0, 0)))
   pos_rows = jnp.broadcast_to(positions.astype(jnp.int32)[:, None], (batch, rows))
-  tables = jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, -block_tables.shape[1] % ppb)))
+  tables, starts, lens = _body.block_layout(block_tables, block_pos, block_len,
+                                            pool_k.shape[3], ppb)
 
   kernel = functools.partial(_kernel, sm_scale=sm_scale, pages_per_block=ppb, mask_value=mask_value)
   out = pl.pallas_call(
@@ -124,6 +133,8 @@ def paged_decode_attention(
           pl.BlockSpec((layers, None, *pool_k.shape[2:]), lambda b, h: (0, h, 0, 0, 0)),
           pl.BlockSpec((layers, None, *pool_k.shape[2:]), lambda b, h: (0, h, 0, 0, 0)),
           pl.BlockSpec((None, tables.shape[1]), lambda b, h: (b, 0)),
+          pl.BlockSpec((None, tables.shape[1]), lambda b, h: (b, 0)),
+          pl.BlockSpec((None, tables.shape[1]), lambda b, h: (b, 0)),
           pl.BlockSpec((d,), lambda b, h: (0,)),
           pl.BlockSpec((d, d), lambda b, h: (0, 0)),
       ],
@@ -132,7 +143,7 @@ def paged_decode_attention(
       interpret=interpret,
       compiler_params=_body.compiler_params(block_sizes),
       name="paged_decode_attention",
-  )(q_g, pos_rows, layer_idx, pool_k, pool_v, tables,
+  )(q_g, pos_rows, layer_idx, pool_k, pool_v, tables, starts, lens,
     jnp.asarray(_inv_freq(d, rope_theta)), jnp.asarray(rotate_half_matrix(d)))
   return out[:, :, :group].reshape(batch, n_heads, d)
 
@@ -146,6 +157,8 @@ def paged_decode_attention_reference(
     block_tables: jax.Array,
     positions: jax.Array,
     *,
+    block_pos: jax.Array | None = None,
+    block_len: jax.Array | None = None,
     layer: jax.Array | None = None,
     rope_theta: float,
     sm_scale: float | None = None,
@@ -163,17 +176,19 @@ def paged_decode_attention_reference(
   group = n_heads // kv_heads
   sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
   freqs = jnp.asarray(_inv_freq(d, rope_theta))
-  ctx = block_tables.shape[1] * page_size
-  k_pos = jnp.arange(ctx, dtype=jnp.int32)
+  tables, starts, lens = _body.block_layout(block_tables, block_pos, block_len, page_size, 1)
+  ctx = tables.shape[1] * page_size
 
-  def one_seq(q_b, table, pos):
+  def one_seq(q_b, table, start, length, pos):
+    k_pos, k_ok = _body.key_positions_reference(start, length, page_size)  # [ctx]
     k = k_pages[:, table].reshape(kv_heads, ctx, d)
     v = v_pages[:, table].reshape(kv_heads, ctx, d)
     k = _body.rope_reference(k, k_pos[None, :], freqs)  # [kv_heads, ctx, d]
     qr = _body.rope_reference(q_b, pos, freqs).reshape(kv_heads, group, d)
-    mask = jnp.broadcast_to(k_pos <= pos, (group, ctx))
+    mask = jnp.broadcast_to(k_ok & (k_pos <= pos), (group, ctx))
     attend = functools.partial(_body.softmax_attend_reference, mask=mask, sm_scale=sm_scale,
                                mask_value=mask_value)
     return jax.vmap(attend)(qr, k, v).reshape(n_heads, d)
 
-  return jax.vmap(one_seq)(q, block_tables, positions.astype(jnp.int32)).astype(q.dtype)
+  out = jax.vmap(one_seq)(q, tables, starts, lens, positions.astype(jnp.int32))
+  return out.astype(q.dtype)

@@ -34,6 +34,8 @@ def _kernel(
     k_pages_ref,  # [layers, num_pages, page_size, d] this KV head, every layer
     v_pages_ref,  # [layers, num_pages, page_size, d]
     block_table_ref,  # [pages_per_seq]
+    block_pos_ref,  # [pages_per_seq]
+    block_len_ref,  # [pages_per_seq]
     inv_freq_ref,  # [d]
     rot_ref,  # [d, d]
     o_ref,  # [r, d]
@@ -44,7 +46,7 @@ def _kernel(
 ):
   o = _body.attend_pages(
       q_ref[...], q_pos_ref[...], k_pages_ref.at[layer_ref[0]], v_pages_ref.at[layer_ref[0]],
-      block_table_ref,
+      block_table_ref, block_pos_ref, block_len_ref,
       inv_freq_ref[...], rot_ref[...], sm_scale=sm_scale,
       pages_per_block=pages_per_block, mask_value=mask_value)
   o_ref[...] = o.astype(o_ref.dtype)
@@ -107,6 +109,8 @@ def ragged_paged_attention(
     q_positions: jax.Array,
     q_seq_ids: jax.Array,
     *,
+    block_pos: jax.Array | None = None,
+    block_len: jax.Array | None = None,
     layer: jax.Array | None = None,
     rope_theta: float,
     sm_scale: float | None = None,
@@ -124,6 +128,10 @@ def ragged_paged_attention(
     block_tables: [num_seqs, pages_per_seq] int32 physical page per logical block.
     q_positions: [t] int32 logical position of each query; -1 marks padding.
     q_seq_ids: [t] int32 block-table row of each query.
+    block_pos: [rows, pages_per_seq] int32 logical position of slot 0 of each
+      block, increasing along a row; default j * page_size.
+    block_len: [rows, pages_per_seq] int32 valid slots per block (0 marks an
+      unused entry); default page_size.
     layer: int32 scalar, the layer to read when the pools hold every layer.
     rope_theta: RoPE base.
     sm_scale: softmax scale; default 1/sqrt(d).
@@ -154,7 +162,9 @@ def ragged_paged_attention(
   q_tiles = q_g[token_index].transpose(0, 2, 1, 3, 4).reshape(n_tiles, kv_heads, rows, d)
   pos_pad = jnp.concatenate([q_positions.astype(jnp.int32), jnp.full((1,), -1, jnp.int32)])
   pos_tiles = jnp.repeat(pos_pad[token_index], group_pad, axis=1)  # [n_tiles, rows]
-  tables = jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, -pages_per_seq % ppb)))[tile_seq]
+  tables, starts, lens = _body.block_layout(block_tables, block_pos, block_len,
+                                            pool_k.shape[3], ppb)
+  tables, starts, lens = tables[tile_seq], starts[tile_seq], lens[tile_seq]
 
   kernel = functools.partial(_kernel, sm_scale=sm_scale, pages_per_block=ppb, mask_value=mask_value)
   out = pl.pallas_call(
@@ -167,6 +177,8 @@ def ragged_paged_attention(
           pl.BlockSpec((layers, None, *pool_k.shape[2:]), lambda i, h: (0, h, 0, 0, 0)),
           pl.BlockSpec((layers, None, *pool_k.shape[2:]), lambda i, h: (0, h, 0, 0, 0)),
           pl.BlockSpec((None, tables.shape[1]), lambda i, h: (i, 0)),
+          pl.BlockSpec((None, tables.shape[1]), lambda i, h: (i, 0)),
+          pl.BlockSpec((None, tables.shape[1]), lambda i, h: (i, 0)),
           pl.BlockSpec((d,), lambda i, h: (0,)),
           pl.BlockSpec((d, d), lambda i, h: (0, 0)),
       ],
@@ -175,7 +187,7 @@ def ragged_paged_attention(
       interpret=interpret,
       compiler_params=_body.compiler_params(block_sizes),
       name="ragged_paged_attention",
-  )(q_tiles, pos_tiles, layer_idx, pool_k, pool_v, tables,
+  )(q_tiles, pos_tiles, layer_idx, pool_k, pool_v, tables, starts, lens,
     jnp.asarray(_inv_freq(d, rope_theta)), jnp.asarray(rotate_half_matrix(d)))
 
   # [n_tiles, block_q, kv_heads, group, d] -> scatter rows back to flat tokens.
@@ -195,6 +207,8 @@ def ragged_paged_attention_reference(
     q_positions: jax.Array,
     q_seq_ids: jax.Array,
     *,
+    block_pos: jax.Array | None = None,
+    block_len: jax.Array | None = None,
     layer: jax.Array | None = None,
     rope_theta: float,
     sm_scale: float | None = None,
@@ -218,27 +232,25 @@ def ragged_paged_attention_reference(
   freqs = jnp.asarray(_inv_freq(d, rope_theta))
   block_q = max(block_sizes.block_q, 64)
   token_index, tile_seq = tile_plan(q_seq_ids, q_positions, block_tables.shape[0], block_q)
+  tables, starts, lens = _body.block_layout(block_tables, block_pos, block_len, page_size, 1)
   q_pad = jnp.pad(q, ((0, 1), (0, 0), (0, 0)))
   pos_pad = jnp.concatenate([q_positions.astype(jnp.int32), jnp.full((1,), -1, jnp.int32)])
-  ctx = block_tables.shape[1] * page_size
-  k_pos = jnp.arange(ctx, dtype=jnp.int32)
+  ctx = tables.shape[1] * page_size
 
   def one_tile(args):
     idx, seq = args  # [block_q], []
     pos = pos_pad[idx]  # [block_q]
-    pages = block_tables[seq]
-    k = k_pages[:, pages].reshape(kv_heads, ctx, d)
-    v = v_pages[:, pages].reshape(kv_heads, ctx, d)
+    k_pos, k_ok = _body.key_positions_reference(starts[seq], lens[seq], page_size)  # [ctx]
+    k = k_pages[:, tables[seq]].reshape(kv_heads, ctx, d)
+    v = v_pages[:, tables[seq]].reshape(kv_heads, ctx, d)
     k = _body.rope_reference(k, k_pos[None, :], freqs)
     qr = _body.rope_reference(q_pad[idx], pos[:, None], freqs)  # [block_q, n_heads, d]
-    mask = k_pos[None, :] <= pos[:, None]  # [block_q, ctx]
-
-    def head(h):
-      qh = qr[:, h]  # [block_q, d]
-      kh = h // group
-      return _body.softmax_attend_reference(qh, k[kh], v[kh], mask, sm_scale, mask_value)
-
-    return jnp.stack([head(h) for h in range(n_heads)], axis=1)  # [block_q, n_heads, d]
+    qg = qr.reshape(-1, kv_heads, group, d).transpose(1, 2, 0, 3)  # [kv_heads, group, block_q, d]
+    mask = k_ok[None, :] & (k_pos[None, :] <= pos[:, None])  # [block_q, ctx]
+    attend = functools.partial(_body.softmax_attend_reference, mask=mask, sm_scale=sm_scale,
+                               mask_value=mask_value)
+    out = jax.vmap(jax.vmap(attend, (0, None, None)))(qg, k, v)  # [kv_heads, group, block_q, d]
+    return out.transpose(2, 0, 1, 3).reshape(-1, n_heads, d)
 
   out = jax.lax.map(one_tile, (token_index, tile_seq))  # [n_tiles, block_q, n_heads, d]
   flat = jnp.zeros((t + 1, n_heads, d), jnp.float32).at[token_index.reshape(-1)].set(

@@ -52,7 +52,7 @@ def cmd_generate(args) -> int:
   for prompt, res in zip(args.prompt, results, strict=True):
     if len(results) > 1:
       print(f"### {prompt}")
-    print(tok.decode(res.output_ids))
+    print(tok.decode(res.output_ids), flush=True)
   n = sum(len(r.output_ids) for r in results)
   print(f"[{n} tokens in {elapsed:.2f} s, {len(results)} sequences]", file=sys.stderr)
   return 0
