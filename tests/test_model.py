@@ -33,9 +33,8 @@ def _pack(seqs, starts, cache_cfg, width=8, pad=3, capacity=(24, 24, 24)):
   toks += [0] * pad
   pos += [-1] * pad
   sid += [0] * pad
-  return model.Batch(tokens=jnp.array(toks, jnp.int32), positions=jnp.array(pos, jnp.int32),
-                     seq_ids=jnp.array(sid, jnp.int32), block_tables=jnp.array(tables),
-                     logits_index=jnp.array(last, jnp.int32))
+  return model.Batch.contiguous(tokens=toks, positions=pos, seq_ids=sid, block_tables=tables,
+                                logits_index=last, page_size=ps)
 
 
 @pytest.fixture(scope="module")

@@ -242,8 +242,9 @@ class Engine:
         sampled_rows.add(r)
         logits_index[r] = cursor + n - 1
       cursor += n
-    batch = model.Batch(tokens=tokens, positions=positions, seq_ids=seq_ids,
-                        block_tables=tables, logits_index=logits_index)
+    batch = model.Batch.contiguous(tokens=tokens, positions=positions, seq_ids=seq_ids,
+                                   block_tables=tables, logits_index=logits_index,
+                                   page_size=self.cache_cfg.page_size)
     return batch, sampled_rows
 
   def _append(self, seq: Sequence, token: int) -> None:

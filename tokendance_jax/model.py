@@ -17,6 +17,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from tokendance_jax import kernels
@@ -50,13 +51,38 @@ class KVCache:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Batch:
-  """A ragged batch of tokens from many sequences (padding has position -1)."""
+  """A ragged batch of tokens from many sequences (padding has position -1).
+
+  Reads go through block_tables / block_pos / block_len (slot i of block j
+  of row s is position block_pos[s, j] + i when i < block_len[s, j]); writes
+  go to slot_mapping, so a segment can start on a fresh page while positions
+  stay contiguous.
+  """
 
   tokens: jax.Array  # [t] int32
   positions: jax.Array  # [t] int32 logical position, -1 for padding
   seq_ids: jax.Array  # [t] int32 row of block_tables
+  slot_mapping: jax.Array  # [t] int32 page * page_size + slot to write; -1: write nothing
   block_tables: jax.Array  # [s, pages_per_seq] int32
+  block_pos: jax.Array  # [s, pages_per_seq] int32
+  block_len: jax.Array  # [s, pages_per_seq] int32
   logits_index: jax.Array  # [n] int32 flat tokens whose logits are returned
+
+  @classmethod
+  def contiguous(cls, *, tokens, positions, seq_ids, block_tables, logits_index, page_size: int):
+    """Host-side constructor for the default layout: block j holds positions j*page_size.."""
+    positions = np.asarray(positions, np.int32)
+    seq_ids = np.asarray(seq_ids, np.int32)
+    tables = np.asarray(block_tables, np.int32)
+    pos = np.maximum(positions, 0)
+    pages = tables[seq_ids, pos // page_size]
+    slots = np.where(positions >= 0, pages * page_size + pos % page_size, -1).astype(np.int32)
+    width = tables.shape[1]
+    block_pos = np.broadcast_to(np.arange(width, dtype=np.int32) * page_size, tables.shape)
+    return cls(tokens=np.asarray(tokens, np.int32), positions=positions, seq_ids=seq_ids,
+               slot_mapping=slots, block_tables=tables, block_pos=np.array(block_pos),
+               block_len=np.full(tables.shape, page_size, np.int32),
+               logits_index=np.asarray(logits_index, np.int32))
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> dict:
@@ -87,12 +113,10 @@ def rms_norm(x, weight, eps: float):
 
 
 def _write_kv(cache_k, cache_v, layer, k, v, batch: Batch):
-  """Scatter this layer's new k, v: [t, kv_heads, e] into their pages (padding dropped)."""
+  """Scatter this layer's new k, v: [t, kv_heads, e] to batch.slot_mapping (-1 dropped)."""
   page_size, num_pages = cache_k.shape[3], cache_k.shape[2]
-  pos = jnp.maximum(batch.positions, 0)
-  page = batch.block_tables[batch.seq_ids, pos // page_size]
-  page = jnp.where(batch.positions >= 0, page, num_pages)  # out of range -> dropped
-  slot = pos % page_size
+  page = jnp.where(batch.slot_mapping >= 0, batch.slot_mapping // page_size, num_pages)
+  slot = batch.slot_mapping % page_size
   heads = jnp.arange(k.shape[1])[:, None]
   index = (layer, heads, page[None, :], slot[None, :])
   cache_k = cache_k.at[index].set(k.transpose(1, 0, 2).astype(cache_k.dtype), mode="drop")
@@ -104,7 +128,8 @@ def _attention(q, cache_k, cache_v, layer, batch: Batch, cfg: ModelConfig,
                attn: AttentionConfig, decode: bool):
   """q: [t, h, e] un-rotated -> [t, h, e] via the paged kernels (or their references)."""
   block_sizes = kernels.BlockSizes(block_q=attn.block_q, pages_per_block=attn.pages_per_block)
-  common = dict(layer=layer, rope_theta=cfg.rope_theta, block_sizes=block_sizes)
+  common = dict(layer=layer, rope_theta=cfg.rope_theta, block_sizes=block_sizes,
+                block_pos=batch.block_pos, block_len=batch.block_len)
   if attn.impl == "pallas":
     common["interpret"] = attn.interpret
   if decode:  # one token per sequence, token i belongs to row i

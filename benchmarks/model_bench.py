@@ -1,0 +1,145 @@
+"""Prefill and decode throughput of the real model, against this machine's matmul peak.
+
+Runs the engine's own jit-compiled step (paged cache, bucketed shapes) at
+several batch sizes, times it after warm-up, and reports tokens/s and
+achieved FLOP/s as a fraction of a dense matmul peak measured in the same
+run. Writes JSON and a PNG.
+
+  python benchmarks/model_bench.py --json out/model_bench.json --plot out/model_bench.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tokendance_jax import engine as engine_mod
+from tokendance_jax import model, sampling
+from tokendance_jax.config import AttentionConfig, CacheConfig
+
+
+def _time(fn, repeats: int) -> float:
+  fn()  # compile / warm up
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def matmul_peak(dtype, n: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of a square dense matmul, the machine's practical peak."""
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x: x @ x)
+  return 2 * n**3 / _time(lambda: f(a).block_until_ready(), repeats)
+
+
+def _batch(cfg, cache_cfg, rows: int, tokens_per_row: int, start: int):
+  """rows sequences, each feeding tokens_per_row tokens at positions start.."""
+  pages = -(-(start + tokens_per_row) // cache_cfg.page_size)
+  width = engine_mod.bucket(pages, 4)
+  tables = np.zeros((rows, width), np.int32)
+  tables[:, :pages] = 1 + np.arange(rows * pages).reshape(rows, pages)
+  t = rows * tokens_per_row
+  pos = np.tile(np.arange(start, start + tokens_per_row), rows).astype(np.int32)
+  rng = np.random.default_rng(0)
+  return model.Batch.contiguous(
+      tokens=rng.integers(3, cfg.vocab_size, t), positions=pos,
+      seq_ids=np.repeat(np.arange(rows), tokens_per_row), block_tables=tables,
+      logits_index=np.arange(rows) * tokens_per_row + tokens_per_row - 1,
+      page_size=cache_cfg.page_size)
+
+
+def run(args):
+  from tokendance_jax import api
+
+  params, cfg, _ = api.load_model(dtype=args.dtype, progress=False)
+  attn = AttentionConfig.default_for_backend()
+  peak = matmul_peak(jnp.dtype(args.dtype))
+  points = []
+  for mode, rows, n, ctx in _cases(args.quick):
+    cache_cfg = CacheConfig(num_pages=rows * (-(-(ctx + n) // 16)) + 8, page_size=16,
+                            dtype=args.dtype)
+    cache = model.KVCache.create(cfg, cache_cfg)
+    batch = _batch(cfg, cache_cfg, rows, n, ctx)
+    samp = sampling.SamplingArrays.from_params([], [], rows)
+    state = {"cache": cache}
+
+    def step():
+      tok, state["cache"] = engine_mod._model_step(
+          params, state["cache"], batch, samp, cfg=cfg, attn=attn, decode=(mode == "decode"))
+      tok.block_until_ready()
+
+    sec = _time(step, args.repeats)
+    tokens = rows * n
+    flops = tokens * cfg.flops_per_token(context=ctx + n // 2)
+    points.append(dict(mode=mode, batch=rows, tokens_per_seq=n, context=ctx, seconds=sec,
+                       tokens_per_s=tokens / sec, flops_per_s=flops / sec,
+                       fraction_of_peak=flops / sec / peak))
+    print(f"{mode:7s} batch={rows:3d} tokens/seq={n:4d} ctx={ctx:4d}: "
+          f"{tokens / sec:9.1f} tok/s  {flops / sec / 1e9:7.2f} GFLOP/s "
+          f"({100 * flops / sec / peak:.1f}% of peak)", flush=True)
+  return dict(benchmark="model", model="SmolLM2-135M-Instruct", dtype=args.dtype,
+              backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
+              machine=platform.machine(), cpus=jax.device_count(), jax=jax.__version__,
+              attention=attn.impl, matmul_peak_flops=peak, points=points)
+
+
+def _cases(quick: bool):
+  if quick:
+    return [("prefill", 1, 64, 0), ("decode", 1, 1, 64), ("decode", 4, 1, 64)]
+  prefill = [("prefill", b, 256, 0) for b in (1, 2, 4, 8)]
+  decode = [("decode", b, 1, 512) for b in (1, 4, 16, 32, 64)]
+  return prefill + decode
+
+
+def plot(result, path):
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for ax, mode in zip(axes, ("prefill", "decode"), strict=True):
+    pts = [p for p in result["points"] if p["mode"] == mode]
+    ax.plot([p["batch"] for p in pts], [p["tokens_per_s"] for p in pts], "o-")
+    for p in pts:
+      ax.annotate(f"{100 * p['fraction_of_peak']:.0f}%", (p["batch"], p["tokens_per_s"]),
+                  textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequences per step")
+    ax.set_ylabel("tokens / s")
+    ax.set_title(f"{mode} (labels: % of matmul peak)")
+    ax.grid(alpha=0.3)
+  fig.suptitle(f"{result['model']} {result['dtype']} on {result['device']} "
+               f"(peak {result['matmul_peak_flops'] / 1e9:.0f} GFLOP/s)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--json", default="out/model_bench.json")
+  p.add_argument("--plot", default="out/model_bench.png")
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--quick", action="store_true")
+  args = p.parse_args()
+  result = run(args)
+  pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+  pathlib.Path(args.json).write_text(json.dumps(result, indent=2))
+  plot(result, args.plot)
+  print(f"wrote {args.json} and {args.plot}")
+
+
+if __name__ == "__main__":
+  main()
