@@ -7,7 +7,6 @@ interpret mode) on several prompts. Tolerance: max |logit difference|
 <= 5e-4 in float32 (measured <= 7e-5; logits range over about +-37); top-1 must agree.
 """
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -45,8 +44,8 @@ def _ours(params, cfg, prompts_ids, attn):
     pos += range(len(ids))
     sid += [i] * len(ids)
     last.append(len(toks) - 1)
-  batch = model.Batch(tokens=jnp.array(toks), positions=jnp.array(pos), seq_ids=jnp.array(sid),
-                      block_tables=jnp.array(tables), logits_index=jnp.array(last))
+  batch = model.Batch.contiguous(tokens=toks, positions=pos, seq_ids=sid, block_tables=tables,
+                                 logits_index=last, page_size=cc.page_size)
   logits, _ = model.forward(params, model.KVCache.create(cfg, cc), batch, cfg=cfg, attn=attn)
   return np.asarray(logits)
 
