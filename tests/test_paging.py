@@ -98,3 +98,24 @@ def test_random_sequences_never_leak_or_double_free(program):
     t.release(a)
   assert a.num_used == 0
   a.check_invariants()
+
+
+def test_segments_start_on_fresh_pages_with_contiguous_positions():
+  a = PageAllocator(16)
+  t = BlockTable(page_size=4)
+  t.append_segment(a.alloc(2), 5)  # positions 0..4 on two pages, the second holds 1 slot
+  shared = a.alloc(1)
+  a.share(shared)  # the table takes its own reference on a master page
+  t.append_segment(shared, 3)  # positions 5..7
+  t.ensure(14, a)  # open tail from position 8
+  pages, starts, lens = t.rows(8)
+  assert list(starts[:5]) == [0, 4, 5, 8, 12] and list(lens[:5]) == [4, 1, 3, 4, 4]
+  assert lens[5:].tolist() == [0, 0, 0]
+  assert t.slot(4) == pages[1] * 4 and t.slot(6) == shared[0] * 4 + 1
+  assert t.slot(13) == pages[4] * 4 + 1
+  with pytest.raises(IndexError):
+    t.slot(16)
+  with pytest.raises(ValueError, match="after an open tail"):
+    t.append_segment(a.alloc(1), 2)
+  t.release(a)
+  assert a.refcount(shared[0]) == 1  # the master's own reference survives

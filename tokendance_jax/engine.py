@@ -220,32 +220,7 @@ class Engine:
 
   def _build_batch(self, chunks, decode: bool):
     """Pad the chunks into a bucketed `model.Batch`; returns it and the rows that sample."""
-    total = sum(n for _, n in chunks)
-    t = len(chunks) if decode else bucket(total, 16)
-    rows = bucket(len(chunks))
-    if decode:
-      t = rows
-    width = bucket(max(len(s.table.pages) for s, _ in chunks), 4)
-    tokens = np.zeros(t, np.int32)
-    positions = np.full(t, -1, np.int32)
-    seq_ids = np.zeros(t, np.int32)
-    tables = np.zeros((rows, width), np.int32)
-    logits_index = np.zeros(rows, np.int32)
-    sampled_rows, cursor = set(), 0
-    for r, (seq, n) in enumerate(chunks):
-      start = seq.num_computed
-      tokens[cursor:cursor + n] = seq.tokens[start:start + n]
-      positions[cursor:cursor + n] = np.arange(start, start + n)
-      seq_ids[cursor:cursor + n] = r
-      tables[r] = seq.table.as_row(width)
-      if start + n == len(seq.tokens):
-        sampled_rows.add(r)
-        logits_index[r] = cursor + n - 1
-      cursor += n
-    batch = model.Batch.contiguous(tokens=tokens, positions=positions, seq_ids=seq_ids,
-                                   block_tables=tables, logits_index=logits_index,
-                                   page_size=self.cache_cfg.page_size)
-    return batch, sampled_rows
+    return build_batch([(s.table, s.tokens, s.num_computed, n) for s, n in chunks], decode)
 
   def _append(self, seq: Sequence, token: int) -> None:
     seq.tokens.append(token)
@@ -260,6 +235,41 @@ class Engine:
     seq.table.release(self.allocator)
     self.running.remove(seq)
     self.finished[seq.seq_id] = seq
+
+
+def build_batch(chunks, decode: bool = False):
+  """Pack (table, tokens, start, n) chunks into a bucketed `model.Batch`.
+
+  Chunk r feeds tokens[start:start + n] at positions start.. to row r; row r
+  samples (its logits are returned) when the chunk reaches the end of tokens.
+  Returns (batch, set of sampling rows).
+  """
+  rows = bucket(len(chunks))
+  t = rows if decode else bucket(sum(n for *_, n in chunks), 16)
+  width = bucket(max(len(table.pages) for table, *_ in chunks), 4)
+  tokens = np.zeros(t, np.int32)
+  positions = np.full(t, -1, np.int32)
+  seq_ids = np.zeros(t, np.int32)
+  slots = np.full(t, -1, np.int32)
+  tables = np.zeros((3, rows, width), np.int32)
+  tables[1] = np.iinfo(np.int32).max // 2
+  logits_index = np.zeros(rows, np.int32)
+  sampled_rows, cursor = set(), 0
+  for r, (table, toks, start, n) in enumerate(chunks):
+    span = slice(cursor, cursor + n)
+    tokens[span] = toks[start:start + n]
+    positions[span] = np.arange(start, start + n)
+    seq_ids[span] = r
+    slots[span] = table.slots(start, start + n)
+    tables[:, r] = table.rows(width)
+    if start + n == len(toks):
+      sampled_rows.add(r)
+      logits_index[r] = cursor + n - 1
+    cursor += n
+  batch = model.Batch(tokens=tokens, positions=positions, seq_ids=seq_ids, slot_mapping=slots,
+                      block_tables=tables[0], block_pos=tables[1], block_len=tables[2],
+                      logits_index=logits_index)
+  return batch, sampled_rows
 
 
 def _progress(total: int, enabled: bool):

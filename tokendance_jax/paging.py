@@ -7,6 +7,8 @@ entries of block tables point at it and it is never handed out.
 
 from __future__ import annotations
 
+import bisect
+
 import numpy as np
 
 NULL_PAGE = 0
@@ -100,32 +102,79 @@ def pages_needed(num_tokens: int, page_size: int) -> int:
 
 
 class BlockTable:
-  """One sequence's logical-block -> physical-page map."""
+  """One sequence's blocks in position order: physical page, first position, slots used.
+
+  Block j serves positions starts[j] .. starts[j] + lens[j] - 1 from slots
+  0.. of pages[j]. A segment laid out with `append_segment` starts on a fresh
+  block (so a master page can be shared at any offset); `ensure` grows the
+  open tail contiguously. On an empty table, `ensure` alone gives the plain
+  layout block j = positions j * page_size ... The table holds one reference
+  on every page it lists.
+  """
 
   def __init__(self, page_size: int):
     self.page_size = page_size
     self.pages: list[int] = []
+    self.starts: list[int] = []
+    self.lens: list[int] = []
+    self.end = 0  # one past the last position of the sealed segments
 
   def capacity(self) -> int:
-    return len(self.pages) * self.page_size
+    """Positions [0, capacity) have a slot."""
+    return self.starts[-1] + self.lens[-1] if self.pages else 0
+
+  def append_segment(self, pages: list[int], length: int) -> None:
+    """Lay `length` positions from self.end on `pages` (references already held)."""
+    if self.capacity() > self.end:
+      raise ValueError("cannot append a segment after an open tail")
+    if len(pages) != pages_needed(length, self.page_size):
+      raise ValueError(f"{len(pages)} pages for a {length}-token segment of page size "
+                       f"{self.page_size}")
+    for j, page in enumerate(pages):
+      self.pages.append(page)
+      self.starts.append(self.end + j * self.page_size)
+      self.lens.append(min(self.page_size, length - j * self.page_size))
+    self.end += length
 
   def ensure(self, num_tokens: int, allocator: PageAllocator) -> list[int]:
-    """Grow to hold num_tokens; returns the new pages (OutOfPages leaves it unchanged)."""
-    missing = pages_needed(num_tokens, self.page_size) - len(self.pages)
+    """Grow the open tail to hold num_tokens; returns new pages (OutOfPages: unchanged)."""
+    start = max(self.capacity(), self.end)
+    if self.pages and self.lens[-1] < self.page_size and self.capacity() > self.end:
+      raise AssertionError("open tail blocks are always full-size")
+    missing = pages_needed(max(num_tokens - start, 0), self.page_size)
     if missing <= 0:
       return []
     new = allocator.alloc(missing)
-    self.pages.extend(new)
+    for j, page in enumerate(new):
+      self.pages.append(page)
+      self.starts.append(start + j * self.page_size)
+      self.lens.append(self.page_size)
     return new
+
+  def slot(self, pos: int) -> int:
+    """Flat slot (page * page_size + offset) holding position pos."""
+    j = bisect.bisect_right(self.starts, pos) - 1
+    if j < 0 or pos >= self.starts[j] + self.lens[j]:
+      raise IndexError(f"position {pos} has no slot in this block table")
+    return self.pages[j] * self.page_size + pos - self.starts[j]
+
+  def slots(self, start: int, stop: int) -> np.ndarray:
+    return np.array([self.slot(p) for p in range(start, stop)], np.int32)
 
   def release(self, allocator: PageAllocator) -> None:
     allocator.free(self.pages)
-    self.pages = []
+    self.pages, self.starts, self.lens, self.end = [], [], [], 0
 
-  def as_row(self, width: int) -> np.ndarray:
-    """[width] int32, padded with the null page."""
+  def rows(self, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pages, starts, lens), each [width] int32, padded with null entries (len 0)."""
     if len(self.pages) > width:
       raise ValueError(f"block table of {len(self.pages)} pages does not fit width {width}")
-    row = np.full(width, NULL_PAGE, np.int32)
-    row[: len(self.pages)] = self.pages
-    return row
+    out = np.zeros((3, width), np.int32)
+    n = len(self.pages)
+    out[0, :n], out[1, :n], out[2, :n] = self.pages, self.starts, self.lens
+    out[1, n:] = np.iinfo(np.int32).max // 2  # null entries start after every query
+    return out[0], out[1], out[2]
+
+  def as_row(self, width: int) -> np.ndarray:
+    """[width] int32 pages, padded with the null page."""
+    return self.rows(width)[0]
