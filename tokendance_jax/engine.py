@@ -38,6 +38,7 @@ class Sequence:
   tokens: list[int]
   num_computed: int = 0
   finish_reason: str | None = None
+  retain: bool = False  # keep the pages when finished (the caller takes them over)
 
   @property
   def output(self) -> list[int]:
@@ -66,6 +67,13 @@ def bucket(n: int, minimum: int = 1) -> int:
 def _model_step(params, cache, batch, samp, *, cfg, attn, decode):
   logits, cache = model.forward(params, cache, batch, cfg=cfg, attn=attn, decode=decode)
   return sampling.sample(logits, samp), cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "attn"), donate_argnames=("cache",))
+def _model_step_logits(params, cache, batch, samp, *, cfg, attn):
+  """A prefill step that also returns log-probabilities [rows, vocab] (for quality checks)."""
+  logits, cache = model.forward(params, cache, batch, cfg=cfg, attn=attn)
+  return sampling.sample(logits, samp), jax.nn.log_softmax(logits, axis=-1), cache
 
 
 class Engine:
@@ -120,6 +128,19 @@ class Engine:
                    table=BlockTable(self.cache_cfg.page_size), tokens=list(prompt))
     self.waiting.append(seq)
     return seq.seq_id
+
+  def adopt(self, prompt, table: BlockTable, first_token: int, params: SamplingParams) -> Sequence:
+    """Take over a sequence whose prompt K/V is already in `table` (e.g. a round's agents).
+
+    Decoding continues from `first_token`, sampled by the caller from the
+    prompt's last logits. Finished adopted sequences keep their pages
+    (`retain`); the caller releases them.
+    """
+    seq = Sequence(seq_id=next(self._ids), prompt=list(prompt), params=params, table=table,
+                   tokens=list(prompt), num_computed=len(prompt), retain=True)
+    self.running.append(seq)
+    self._append(seq, int(first_token))
+    return seq
 
   def has_unfinished(self) -> bool:
     return bool(self.waiting or self.running)
@@ -232,20 +253,23 @@ class Engine:
 
   def _finish(self, seq: Sequence, reason: str) -> None:
     seq.finish_reason = reason
-    seq.table.release(self.allocator)
+    if not seq.retain:
+      seq.table.release(self.allocator)
     self.running.remove(seq)
     self.finished[seq.seq_id] = seq
 
 
 def build_batch(chunks, decode: bool = False):
-  """Pack (table, tokens, start, n) chunks into a bucketed `model.Batch`.
+  """Pack chunks into a bucketed `model.Batch`.
 
-  Chunk r feeds tokens[start:start + n] at positions start.. to row r; row r
-  samples (its logits are returned) when the chunk reaches the end of tokens.
-  Returns (batch, set of sampling rows).
+  A chunk is (table, tokens, start, n) feeding tokens[start:start + n], or
+  (table, tokens, positions) feeding tokens at scattered increasing
+  positions. Row r samples (its logits are returned) when its last fed
+  position is the end of tokens. Returns (batch, set of sampling rows).
   """
+  chunks = [c if len(c) == 3 else (c[0], c[1], np.arange(c[2], c[2] + c[3])) for c in chunks]
   rows = bucket(len(chunks))
-  t = rows if decode else bucket(sum(n for *_, n in chunks), 16)
+  t = rows if decode else bucket(sum(len(p) for *_, p in chunks), 16)
   width = bucket(max(len(table.pages) for table, *_ in chunks), 4)
   tokens = np.zeros(t, np.int32)
   positions = np.full(t, -1, np.int32)
@@ -255,17 +279,17 @@ def build_batch(chunks, decode: bool = False):
   tables[1] = np.iinfo(np.int32).max // 2
   logits_index = np.zeros(rows, np.int32)
   sampled_rows, cursor = set(), 0
-  for r, (table, toks, start, n) in enumerate(chunks):
-    span = slice(cursor, cursor + n)
-    tokens[span] = toks[start:start + n]
-    positions[span] = np.arange(start, start + n)
+  for r, (table, toks, pos) in enumerate(chunks):
+    span = slice(cursor, cursor + len(pos))
+    tokens[span] = np.asarray(toks)[pos]
+    positions[span] = pos
     seq_ids[span] = r
-    slots[span] = table.slots(start, start + n)
+    slots[span] = table.slots_at(pos)
     tables[:, r] = table.rows(width)
-    if start + n == len(toks):
+    if len(pos) and pos[-1] == len(toks) - 1:
       sampled_rows.add(r)
-      logits_index[r] = cursor + n - 1
-    cursor += n
+      logits_index[r] = cursor + len(pos) - 1
+    cursor += len(pos)
   batch = model.Batch(tokens=tokens, positions=positions, seq_ids=seq_ids, slot_mapping=slots,
                       block_tables=tables[0], block_pos=tables[1], block_len=tables[2],
                       logits_index=logits_index)

@@ -37,6 +37,9 @@ class PageAllocator:
     self._refcount = np.zeros(num_pages, np.int32)
     # A stack: recently freed pages are reused first (warm in cache).
     self._free = list(range(num_pages - 1, 0, -1))
+    # Called with the number of pages missing before OutOfPages is raised; a
+    # cache of evictable pages (prefix caching) frees what it can here.
+    self.reclaim = None
 
   @property
   def num_free(self) -> int:
@@ -53,6 +56,8 @@ class PageAllocator:
     """n fresh pages with refcount 1, or OutOfPages (all or nothing)."""
     if n < 0:
       raise ValueError(f"cannot allocate n={n} pages")
+    if n > len(self._free) and self.reclaim is not None:
+      self.reclaim(n - len(self._free))
     if n > len(self._free):
       raise OutOfPages(n, len(self._free))
     pages = [self._free.pop() for _ in range(n)]
@@ -159,7 +164,19 @@ class BlockTable:
     return self.pages[j] * self.page_size + pos - self.starts[j]
 
   def slots(self, start: int, stop: int) -> np.ndarray:
-    return np.array([self.slot(p) for p in range(start, stop)], np.int32)
+    return self.slots_at(np.arange(start, stop))
+
+  def slots_at(self, positions) -> np.ndarray:
+    """Vectorized `slot` for an array of positions -> [n] int32."""
+    positions = np.asarray(positions, np.int64)
+    starts = np.asarray(self.starts, np.int64)
+    j = np.searchsorted(starts, positions, side="right") - 1
+    lens = np.asarray(self.lens, np.int64)
+    if positions.size and (j.min() < 0 or np.any(positions >= starts[j] + lens[j])):
+      bad = positions[(j < 0) | (positions >= starts[np.maximum(j, 0)] + lens[np.maximum(j, 0)])]
+      raise IndexError(f"positions {bad[:5].tolist()} have no slot in this block table")
+    pages = np.asarray(self.pages, np.int64)
+    return (pages[j] * self.page_size + positions - starts[j]).astype(np.int32)
 
   def release(self, allocator: PageAllocator) -> None:
     allocator.free(self.pages)

@@ -1,0 +1,109 @@
+"""The KV Collector's device steps: batched deviation check, selection, page copies.
+
+For a group of agents (all agents of a round for the collective method, one
+agent at a time for per-request baselines) these run as single jit-compiled
+calls over one ragged batch:
+
+1. `check_deviation`: layers 0..check_layer over every prompt token into a
+   small scratch cache; the deviation of each reused token is the squared
+   distance between its fresh key and its reused (master) key at the check
+   layer. Keys are stored before RoPE, so no position correction is needed.
+2. `select_tokens`: per-agent top-k of deviation (token level) or of summed
+   deviation per page (block level), on device.
+3. `copy_pages`: copy-on-write of master pages into an agent's own pages.
+
+The recompute itself is one `engine._model_step` over the selected tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from tokendance_jax import model
+from tokendance_jax.config import AttentionConfig, ModelConfig
+
+
+def _first_layers(params: dict, n: int) -> dict:
+  return {**params, "layers": jax.tree.map(lambda x: x[:n], params["layers"])}
+
+
+def _gather_keys(k_layer, slots):
+  """k_layer [kv_heads, pages, page_size, e], slots [t] -> [t, kv_heads, e] (slot < 0 -> 0)."""
+  page_size = k_layer.shape[2]
+  s = jnp.maximum(slots, 0)
+  keys = k_layer[:, s // page_size, s % page_size]  # [kv_heads, t, e]
+  return jnp.where((slots >= 0)[None, :, None], keys, 0).transpose(1, 0, 2).astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "attn", "check_layer"),
+                   donate_argnames=("scratch",))
+def check_deviation(params, scratch: model.KVCache, reused_k, batch: model.Batch, reuse_slots, *,
+                    cfg: ModelConfig, attn: AttentionConfig, check_layer: int):
+  """Key deviation of every token at check_layer.
+
+  Args:
+    params: full params; only layers 0..check_layer run.
+    scratch: a cache of check_layer + 1 layers; batch writes every prompt token there.
+    reused_k: [kv_heads, pages, page_size, e] the main cache's keys at check_layer.
+    batch: every prompt token of the group, laid out in the scratch cache.
+    reuse_slots: [t] flat slot of each token's reused key in the main cache; -1 = not reused.
+
+  Returns:
+    (deviation [t] float32, 0 where not reused; the scratch cache).
+  """
+  n = check_layer + 1
+  sub_cfg = dataclasses.replace(cfg, n_layers=n)
+  _, scratch = model.forward(_first_layers(params, n), scratch, batch, cfg=sub_cfg, attn=attn)
+  fresh = _gather_keys(scratch.k[check_layer], batch.slot_mapping)
+  reused = _gather_keys(reused_k, reuse_slots)
+  dev = jnp.sum(jnp.square(fresh - reused), axis=(1, 2))
+  return jnp.where(reuse_slots >= 0, dev, 0.0), scratch
+
+
+@functools.partial(jax.jit, static_argnames=("num_agents", "by_block"))
+def select_tokens(deviation, agent, block, candidate, budget, *, num_agents: int, by_block: bool):
+  """Per-agent top-`budget` of candidate tokens by deviation -> mask [t] bool.
+
+  Args:
+    deviation: [t] float32.
+    agent: [t] int32 agent of each token (padding: any, with candidate False).
+    block: [t] int32 global id of the page block holding each token.
+    candidate: [t] bool tokens eligible for selection (reused shared tokens).
+    budget: [num_agents] int32 tokens to recompute per agent.
+    by_block: rank whole blocks by summed deviation and take blocks until the
+      agent's budget is covered (block-aligned recompute, page-sparse mirrors).
+  """
+  t = deviation.shape[0]
+  if by_block:
+    dev_b = jax.ops.segment_sum(jnp.where(candidate, deviation, 0.0), block, num_segments=t)
+    count_b = jax.ops.segment_sum(candidate.astype(jnp.int32), block, num_segments=t)
+    agent_b = jax.ops.segment_max(jnp.where(candidate, agent, -1), block, num_segments=t)
+    chosen_b = _rank_select(dev_b, agent_b, count_b, count_b > 0, budget, num_agents)
+    return candidate & chosen_b[block]
+  return _rank_select(deviation, agent, jnp.ones_like(agent), candidate, budget, num_agents)
+
+
+def _rank_select(score, owner, weight, eligible, budget, num_agents):
+  """Within each owner, take items by descending score while the weight taken < budget."""
+  owner_c = jnp.where(eligible, owner, num_agents)  # ineligible items sort last
+  order = jnp.lexsort((-jnp.where(eligible, score, -jnp.inf), owner_c))
+  w = jnp.where(eligible, weight, 0)[order]
+  own = owner_c[order]
+  cum = jnp.cumsum(w)
+  start = jax.ops.segment_sum(w, own, num_segments=num_agents + 1)
+  before_owner = jnp.cumsum(start) - start  # weight of all earlier owners
+  taken_before = cum - w - before_owner[own]
+  cap = jnp.concatenate([budget, jnp.zeros((1,), budget.dtype)])[own]
+  chosen = eligible[order] & (taken_before < cap)
+  return jnp.zeros_like(eligible).at[order].set(chosen)
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def copy_pages(cache: model.KVCache, src, dst) -> model.KVCache:
+  """cache pages dst[i] <- src[i] in every layer; dst out of range is skipped (padding)."""
+  return model.KVCache(k=cache.k.at[:, :, dst].set(cache.k[:, :, src], mode="drop"),
+                       v=cache.v.at[:, :, dst].set(cache.v[:, :, src], mode="drop"))

@@ -1,0 +1,101 @@
+"""Diff-aware storage: one master copy of each shared block, agents as mirrors.
+
+A master is a run of pages holding a shared segment's K/V (keys before RoPE,
+so any agent can hold it at any offset). An agent's block table is a mirror:
+it lists the master's pages wherever its K/V equal the master's and its own
+pages only where they differ (recomputed tokens, private segments). Nothing
+dense is ever rebuilt: the attention kernels read the mirror's table.
+
+The registry holds one page reference per master page; each mirror that
+lists a page holds another, so a master lives until its last reader is gone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from tokendance_jax.paging import BlockTable, PageAllocator
+
+
+@dataclasses.dataclass
+class Master:
+  key: str
+  tokens: tuple[int, ...]
+  pages: list[int]
+  source: str  # "prefill" (standalone) or "decode" (an agent's own output, free)
+
+
+class MasterRegistry:
+  """Content hash -> master pages."""
+
+  def __init__(self, allocator: PageAllocator):
+    self.allocator = allocator
+    self.masters: dict[str, Master] = {}
+
+  def __contains__(self, key: str) -> bool:
+    return key in self.masters
+
+  def get(self, key: str) -> Master:
+    return self.masters[key]
+
+  def add(self, key: str, tokens, pages: list[int], source: str) -> None:
+    """Register pages (the caller's references pass to the registry)."""
+    if key in self.masters:
+      self.allocator.free(pages)  # an identical block is already stored
+      return
+    self.masters[key] = Master(key, tuple(tokens), list(pages), source)
+
+  def retain_only(self, keys) -> int:
+    """Drop masters not in `keys`; returns how many were dropped."""
+    drop = [k for k in self.masters if k not in keys]
+    for k in drop:
+      self.allocator.free(self.masters.pop(k).pages)
+    return len(drop)
+
+  def clear(self) -> None:
+    self.retain_only(())
+
+  @property
+  def num_pages(self) -> int:
+    return sum(len(m.pages) for m in self.masters.values())
+
+
+def output_master_pages(table: BlockTable, start: int, length: int) -> list[int] | None:
+  """Pages holding positions [start, start + length) if they begin on a block boundary.
+
+  An agent's generated output starts on a fresh block, so its pages can serve
+  as the master of that output next round. Returns None when the layout does
+  not allow it (after a preemption re-laid the sequence contiguously).
+  """
+  if length == 0 or start not in table.starts:
+    return None
+  j = table.starts.index(start)
+  n = -(-length // table.page_size)
+  if j + n > len(table.pages):
+    return None
+  return table.pages[j:j + n]
+
+
+@dataclasses.dataclass(frozen=True)
+class Footprint:
+  """Pages per round, from the agents' block tables and the allocator."""
+
+  pages_in_use: int  # every page the pool has handed out (masters, mirrors, caches)
+  unique_pages: int  # distinct pages the agents' tables reference
+  shared_region_pages: int  # distinct pages behind shared segments, across agents
+  private_pages: int  # pages owned by one agent only (private segments, copies)
+  mirror_pages: int  # agent-owned pages that replace a master block (copy-on-write)
+
+
+def footprint(tables: list[BlockTable], shared_blocks: list[set[int]], mirror_blocks: list[set[int]],
+              allocator: PageAllocator) -> Footprint:
+  """Count pages; shared_blocks[i] / mirror_blocks[i] are block indices into tables[i]."""
+  all_pages = [p for t in tables for p in t.pages]
+  shared = {t.pages[j] for t, blocks in zip(tables, shared_blocks, strict=True) for j in blocks}
+  counts = np.bincount(np.asarray(all_pages, np.int64), minlength=allocator.num_pages)
+  own = sum(int(counts[p] == 1 and allocator.refcount(p) == 1) for p in set(all_pages))
+  mirrors = sum(len(m) for m in mirror_blocks)
+  return Footprint(pages_in_use=allocator.num_used, unique_pages=len(set(all_pages)),
+                   shared_region_pages=len(shared), private_pages=own, mirror_pages=mirrors)

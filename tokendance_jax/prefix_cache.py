@@ -1,0 +1,80 @@
+"""Automatic prefix caching, vLLM style: a hash chain over blocks, reused across requests.
+
+Block j of a prompt is keyed by hash(key of block j-1, block tokens, block
+length), so a cached block is reused only when everything before it is
+identical too: the same block at another offset, or after another prefix,
+misses. The cache holds one reference on each cached page; pages that only
+the cache still references are evicted least recently used first when the
+allocator runs short.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+
+import numpy as np
+
+from tokendance_jax.paging import PageAllocator
+
+
+def chain_key(parent: str, tokens) -> str:
+  h = hashlib.blake2b(parent.encode(), digest_size=16)
+  h.update(np.asarray(tokens, np.int32).tobytes())
+  return h.hexdigest()
+
+
+class PrefixCache:
+  def __init__(self, allocator: PageAllocator):
+    self.allocator = allocator
+    self.entries: collections.OrderedDict[str, int] = collections.OrderedDict()
+    self.hits = 0
+    self.misses = 0
+    allocator.reclaim = self.evict
+
+  def match(self, blocks: list[tuple[int, ...]]) -> list[int]:
+    """Pages of the longest cached prefix of `blocks` (token tuples); takes a reference on each."""
+    pages, parent = [], ""
+    for tokens in blocks:
+      key = chain_key(parent, tokens)
+      page = self.entries.get(key)
+      if page is None:
+        break
+      self.entries.move_to_end(key)
+      pages.append(page)
+      parent = key
+    self.allocator.share(pages)
+    self.hits += len(pages)
+    self.misses += len(blocks) - len(pages)
+    return pages
+
+  def insert(self, blocks: list[tuple[int, ...]], pages: list[int]) -> None:
+    """Cache each (block tokens, page) along the chain; the cache takes its own reference."""
+    parent = ""
+    for tokens, page in zip(blocks, pages, strict=True):
+      key = chain_key(parent, tokens)
+      if key not in self.entries:
+        self.allocator.share([page])
+        self.entries[key] = page
+      self.entries.move_to_end(key)
+      parent = key
+
+  def evict(self, needed: int) -> int:
+    """Free up to `needed` pages that only the cache references, oldest first."""
+    freed = 0
+    for key in list(self.entries):
+      if freed >= needed:
+        break
+      page = self.entries[key]
+      if self.allocator.refcount(page) == 1:
+        del self.entries[key]
+        freed += len(self.allocator.free([page]))
+    return freed
+
+  def clear(self) -> None:
+    self.allocator.free(list(self.entries.values()))
+    self.entries.clear()
+
+  @property
+  def num_pages(self) -> int:
+    return len(self.entries)

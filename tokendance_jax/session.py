@@ -1,0 +1,554 @@
+"""Multi-agent rounds on one paged pool, with TokenDance and the baselines side by side.
+
+Methods (same engine, same kernels, same pool):
+
+- `full`: every agent prefills its whole prompt.
+- `prefix`: vLLM-style automatic prefix caching across agents and rounds.
+- `cacheblend` / `epic`: per-request position-independent caching, agent by
+  agent: a dense copy of every reused block in the agent's own pages, then
+  check and selective recompute for that agent alone.
+- `tokendance`: the KV Collector: one batched check, one batched selection
+  and one batched recompute for all agents of the round; agents are mirrors
+  of the masters (diff-aware storage), with own pages only where they differ.
+
+Every prompt is laid out segment by segment, each segment on fresh pages and
+positions contiguous, so a shared segment's pages can be listed in any
+agent's block table at that agent's offset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tokendance_jax import collector, diffstore, model, sampling
+from tokendance_jax.config import AttentionConfig, CacheConfig, ModelConfig
+from tokendance_jax.engine import Engine, _model_step_logits, bucket, build_batch
+from tokendance_jax.paging import BlockTable, OutOfPages, pages_needed
+from tokendance_jax.prefix_cache import PrefixCache
+from tokendance_jax.rounds import ReusePolicy, Round, Segment
+from tokendance_jax.sampling import SamplingParams
+
+METHODS = ("full", "prefix", "cacheblend", "epic", "tokendance")
+REUSE_METHODS = ("cacheblend", "epic", "tokendance")
+
+
+@dataclasses.dataclass
+class AgentState:
+  """One agent's cache for the current round."""
+
+  agent_id: str
+  tokens: list[int]
+  max_tokens: int
+  table: BlockTable
+  seg_spans: list[tuple[int, int, Segment]]  # (first position, first block, segment)
+  num_prompt: int = 0
+  compute_from: int = 0  # prefix caching: first position to compute
+  output_ids: list[int] = dataclasses.field(default_factory=list)
+  finish_reason: str | None = None
+  mirror_blocks: set[int] = dataclasses.field(default_factory=set)
+  recompute: np.ndarray | None = None  # positions recomputed by reuse methods
+
+  def shared_blocks(self) -> set[int]:
+    out = set()
+    for _, b0, seg in self.seg_spans:
+      if seg.shared:
+        out.update(range(b0, b0 + pages_needed(len(seg), self.table.page_size)))
+    return out
+
+
+@dataclasses.dataclass
+class RoundResult:
+  round: int
+  prefill_seconds: float
+  round_seconds: float
+  kv_bytes_per_agent: float
+  shared_kv_bytes_per_agent: float
+  pages_in_use: int
+  outputs: dict[str, list[int]]
+  quality: dict | None
+  stats: dict
+
+  def to_json(self) -> dict:
+    out = dataclasses.asdict(self)
+    if self.quality is None:
+      del out["quality"]
+    return out
+
+
+class RoundSession:
+  """Runs rounds for one method, keeping masters / prefix cache across rounds.
+
+  Args:
+    params, cfg: the model.
+    method: one of METHODS.
+    policy: reuse policy (selection, recompute fraction, check layer).
+    cache_cfg: the page pool.
+    attn: attention implementation (default: per backend).
+    sampling: temperature / top-k / top-p / seed for every agent (greedy by default).
+    quality: also prefill each round with `full` (untimed) and compare next-token distributions.
+    max_prefill_tokens: tokens per prefill / recompute batch.
+  """
+
+  def __init__(self, params, cfg: ModelConfig, *, method: str = "tokendance",
+               policy: ReusePolicy = ReusePolicy(), cache_cfg: CacheConfig = CacheConfig(),
+               attn: AttentionConfig | None = None, sampling: SamplingParams = SamplingParams(),
+               quality: bool = True, max_prefill_tokens: int = 4096, progress: bool = False):
+    if method not in METHODS:
+      raise ValueError(f"method={method!r}; expected one of {', '.join(METHODS)}")
+    self.cfg, self.params, self.method, self.policy = cfg, params, method, policy
+    if method == "epic" or (method == "tokendance" and policy.select == "epic"):
+      self.policy = dataclasses.replace(policy, select="epic")
+    if method == "cacheblend" and policy.select == "epic":
+      raise ValueError("method cacheblend selects by deviation; use method epic for --select epic")
+    if policy.check_layer >= cfg.n_layers:
+      raise ValueError(f"check_layer={policy.check_layer} must be < n_layers={cfg.n_layers}")
+    self.engine = Engine(params, cfg, cache_cfg=cache_cfg, attn=attn, max_batch=1 << 20,
+                         max_prefill_tokens=max_prefill_tokens)
+    self.attn = self.engine.attn
+    self.cache_cfg = cache_cfg
+    self.allocator = self.engine.allocator
+    self.masters = diffstore.MasterRegistry(self.allocator)
+    self.prefix = PrefixCache(self.allocator) if method == "prefix" else None
+    self.sampling, self.quality, self.progress = sampling, quality, progress
+    self.page_bytes = cache_cfg.bytes_per_page(cfg)
+    self.round_index = 0
+    self._scratch: model.KVCache | None = None
+
+  # -- public -------------------------------------------------------------------
+
+  def run_round(self, rnd: Round) -> RoundResult:
+    """Prefill (per method), decode every agent, keep what the next round reuses."""
+    rnd.validate(self.cfg)
+    stats = dict(master_prefill_seconds=0.0, check_seconds=0.0, copy_seconds=0.0,
+                 recompute_seconds=0.0, pages_copied=0)
+    start = time.perf_counter()
+    if self.method in REUSE_METHODS:
+      self.masters.retain_only(rnd.shared_segments().keys())
+      self._prefill_masters(rnd, stats)
+    agents = self._layout_all(rnd)
+    try:
+      first, logprobs = self._prefill(agents, stats)
+    except BaseException:
+      self._release(agents)
+      raise
+    prefill_seconds = time.perf_counter() - start
+    fp = diffstore.footprint([a.table for a in agents], [a.shared_blocks() for a in agents],
+                             [a.mirror_blocks for a in agents], self.allocator)
+    outputs = self._decode(agents, first)
+    self._finish(agents, outputs)
+    round_seconds = time.perf_counter() - start
+    n = len(agents)
+    quality = self._quality(rnd, logprobs) if self.quality and self.method != "full" else None
+    stats.update(_token_stats(agents), **dataclasses.asdict(fp),
+                 masters=len(self.masters.masters), master_pages=self.masters.num_pages,
+                 preemptions=self.engine.num_preemptions)
+    result = RoundResult(
+        round=self.round_index, prefill_seconds=prefill_seconds, round_seconds=round_seconds,
+        kv_bytes_per_agent=fp.unique_pages * self.page_bytes / n,
+        shared_kv_bytes_per_agent=fp.shared_region_pages * self.page_bytes / n,
+        pages_in_use=fp.pages_in_use, outputs=outputs, quality=quality, stats=stats)
+    self.round_index += 1
+    return result
+
+  def close(self) -> None:
+    """Free masters and cached pages; the pool is empty afterwards."""
+    self.masters.clear()
+    if self.prefix is not None:
+      self.prefix.clear()
+
+  # -- layout -------------------------------------------------------------------
+
+  def _layout_all(self, rnd: Round) -> list[AgentState]:
+    agents: list[AgentState] = []
+    try:
+      for p in rnd.prompts:
+        agents.append(self._layout(p))
+    except BaseException:
+      self._release(agents)
+      raise
+    return agents
+
+  def _layout(self, prompt) -> AgentState:
+    """Block table for one prompt: master pages, cached pages or fresh pages per segment."""
+    ps = self.cache_cfg.page_size
+    a = AgentState(prompt.agent_id, prompt.tokens, prompt.max_tokens, BlockTable(ps), [],
+                   num_prompt=prompt.num_tokens)
+    hits = self._prefix_hits(prompt) if self.prefix is not None else []
+    n_hits = len(hits)
+    try:
+      pos = 0
+      for seg in prompt.segments:
+        a.seg_spans.append((pos, len(a.table.pages), seg))
+        a.table.append_segment(self._segment_pages(seg, hits), len(seg))
+        pos += len(seg)
+    except BaseException:
+      a.table.release(self.allocator)
+      self.allocator.free(hits)
+      raise
+    a.compute_from = a.table.starts[n_hits] if n_hits else 0
+    return a
+
+  def _block_tokens(self, prompt) -> list[tuple[int, ...]]:
+    """The prompt's token blocks in the segment layout."""
+    ps, out = self.cache_cfg.page_size, []
+    for seg in prompt.segments:
+      out += [seg.tokens[i:i + ps] for i in range(0, len(seg), ps)]
+    return out
+
+  def _prefix_hits(self, prompt) -> list[int]:
+    blocks = self._block_tokens(prompt)
+    hits = self.prefix.match(blocks)
+    if len(hits) == len(blocks):  # keep the last block to compute: its logits start decoding
+      self.allocator.free(hits[-1:])
+      hits = hits[:-1]
+    return hits
+
+  def _segment_pages(self, seg: Segment, hits: list[int]) -> list[int]:
+    n = pages_needed(len(seg), self.cache_cfg.page_size)
+    if self.method in REUSE_METHODS and seg.shared:
+      master = self.masters.get(seg.key).pages
+      if self.method == "tokendance":
+        self.allocator.share(master)
+        return list(master)
+      return self.allocator.alloc(n)  # per-request: a dense copy, filled in _prefill
+    taken = [hits.pop(0) for _ in range(min(n, len(hits)))]
+    return taken + self.allocator.alloc(n - len(taken))
+
+  # -- prefill --------------------------------------------------------------------
+
+  def _prefill_masters(self, rnd: Round, stats: dict) -> None:
+    """Standalone prefill of shared segments without a master (system prompt, headers...)."""
+    missing = [s for k, s in rnd.shared_segments().items() if k not in self.masters]
+    if not missing:
+      return
+    t0 = time.perf_counter()
+    tables = []
+    for seg in missing:
+      table = BlockTable(self.cache_cfg.page_size)
+      table.append_segment(self.allocator.alloc(pages_needed(len(seg), table.page_size)), len(seg))
+      tables.append(table)
+    chunks = [(t, list(s.tokens), np.arange(len(s))) for t, s in zip(tables, missing, strict=True)]
+    self._run(chunks, want_logits=False)
+    for table, seg in zip(tables, missing, strict=True):
+      self.masters.add(seg.key, seg.tokens, table.pages, source="prefill")
+    stats["master_prefill_seconds"] += _sync(self.engine.cache, t0)
+
+  def _prefill(self, agents: list[AgentState], stats: dict):
+    """Method-specific prefill; returns (first tokens, log-probs [n, vocab] or None)."""
+    if self.method in ("full", "prefix"):
+      for a in agents:
+        a.recompute = np.arange(a.compute_from, len(a.tokens))
+      chunks = [(a.table, a.tokens, a.recompute) for a in agents]
+      return self._run(chunks, want_logits=self.quality)
+    if self.method == "tokendance":
+      return self._collect(agents, stats, collective=True)
+    firsts, logps = [], []
+    for a in agents:  # per-request PIC: one agent at a time
+      f, lp = self._collect([a], stats, collective=False)
+      firsts += f
+      logps.append(lp)
+    return firsts, (jnp.concatenate(logps) if self.quality else None)
+
+  def _collect(self, agents: list[AgentState], stats: dict, collective: bool):
+    """Reuse + selective recompute for a group of agents (all of them when collective)."""
+    if not collective:
+      t0 = time.perf_counter()
+      src, dst = [], []
+      for a in agents:  # the request's own dense copy of every reused block
+        for b in sorted(a.shared_blocks()):
+          src.append(self._master_page(a, b))
+          dst.append(a.table.pages[b])
+      self._copy(src, dst)
+      stats["copy_seconds"] += _sync(self.engine.cache, t0)
+      stats["pages_copied"] += len(src)
+    t0 = time.perf_counter()
+    selected = self._select(agents)
+    stats["check_seconds"] += time.perf_counter() - t0
+    if collective:
+      t0 = time.perf_counter()
+      stats["pages_copied"] += self._copy_on_write(agents, selected)
+      stats["copy_seconds"] += _sync(self.engine.cache, t0)
+    t0 = time.perf_counter()
+    for a, sel in zip(agents, selected, strict=True):
+      a.recompute = np.flatnonzero(sel | ~self._shared_mask(a))
+    out = self._run([(a.table, a.tokens, a.recompute) for a in agents], want_logits=self.quality)
+    stats["recompute_seconds"] += _sync(self.engine.cache, t0)
+    return out
+
+  def _master_page(self, a: AgentState, block: int) -> int:
+    for _, b0, seg in a.seg_spans:
+      n = pages_needed(len(seg), self.cache_cfg.page_size)
+      if seg.shared and b0 <= block < b0 + n:
+        return self.masters.get(seg.key).pages[block - b0]
+    raise AssertionError(f"block {block} is not in a shared segment")
+
+  def _shared_mask(self, a: AgentState) -> np.ndarray:
+    mask = np.zeros(len(a.tokens), bool)
+    for p0, _, seg in a.seg_spans:
+      mask[p0:p0 + len(seg)] = seg.shared
+    return mask
+
+  def _budget(self, a: AgentState) -> int:
+    return int(round(self.policy.recompute * int(self._shared_mask(a).sum())))
+
+  def _select(self, agents: list[AgentState]) -> list[np.ndarray]:
+    """Per agent: bool [prompt tokens] of reused tokens to recompute."""
+    shared = [self._shared_mask(a) for a in agents]
+    if self.policy.select == "epic":
+      return [self._epic(a, m) for a, m in zip(agents, shared, strict=True)]
+    dev = self._deviation(agents)  # [t] for the concatenated prompts
+    agent_ids = np.concatenate([np.full(len(a.tokens), i) for i, a in enumerate(agents)])
+    blocks = np.concatenate([self._block_ids(a) for a in agents])
+    _, blocks = np.unique(agent_ids * (1 << 20) + blocks, return_inverse=True)
+    candidate = np.concatenate(shared)
+    t = bucket(len(candidate), 16)
+    pad = lambda x, v=0: np.pad(x, (0, t - len(x)), constant_values=v)  # noqa: E731
+    budget = np.array([self._budget(a) for a in agents], np.int32)
+    mask = collector.select_tokens(
+        pad(dev), pad(agent_ids).astype(np.int32), pad(blocks).astype(np.int32),
+        pad(candidate, False), budget, num_agents=len(agents),
+        by_block=self.policy.select == "block")
+    mask = np.asarray(mask)[: len(candidate)]  # the one host sync of the collector
+    return np.split(mask, np.cumsum([len(a.tokens) for a in agents])[:-1])
+
+  def _epic(self, a: AgentState, shared: np.ndarray) -> np.ndarray:
+    sel = np.zeros(len(a.tokens), bool)
+    for p0, _, seg in a.seg_spans:
+      if seg.shared:
+        sel[p0:p0 + min(self.policy.epic_k, len(seg))] = True
+    return sel & shared
+
+  def _block_ids(self, a: AgentState) -> np.ndarray:
+    return a.table.slots(0, len(a.tokens)) // self.cache_cfg.page_size
+
+  def _deviation(self, agents: list[AgentState]) -> np.ndarray:
+    """Batched check: fresh vs reused keys at the check layer for every prompt token."""
+    ps, layer = self.cache_cfg.page_size, self.policy.check_layer
+    total_pages = sum(pages_needed(len(a.tokens), ps) for a in agents)
+    scratch = self._scratch_cache(total_pages + 1)
+    tables, nxt = [], 1
+    for a in agents:
+      t = BlockTable(ps)
+      n = pages_needed(len(a.tokens), ps)
+      t.pages, t.starts, t.lens = list(range(nxt, nxt + n)), [j * ps for j in range(n)], [ps] * n
+      tables.append(t)
+      nxt += n
+    devs = []
+    for group in self._token_groups(agents):
+      batch, _ = build_batch([(tables[i], agents[i].tokens, np.arange(len(agents[i].tokens)))
+                              for i in group])
+      reuse = np.full(batch.tokens.shape[0], -1, np.int32)
+      cursor = 0
+      for i in group:
+        a, n = agents[i], len(agents[i].tokens)
+        shared = self._shared_mask(a)
+        reuse[cursor:cursor + n] = np.where(shared, a.table.slots(0, n), -1)
+        cursor += n
+      dev, scratch = collector.check_deviation(
+          self.params, scratch, self.engine.cache.k[layer], batch, reuse, cfg=self.cfg,
+          attn=self.attn, check_layer=layer)
+      devs.append(np.asarray(dev)[:cursor])
+    self._scratch = scratch
+    return np.concatenate(devs)
+
+  def _token_groups(self, agents) -> list[list[int]]:
+    """Agents grouped so each group's tokens fit one prefill batch (an agent is never split)."""
+    groups, cur, size = [], [], 0
+    for i, a in enumerate(agents):
+      if cur and size + len(a.tokens) > self.engine.max_prefill_tokens:
+        groups.append(cur)
+        cur, size = [], 0
+      cur.append(i)
+      size += len(a.tokens)
+    return groups + [cur]
+
+  def _scratch_cache(self, pages: int) -> model.KVCache:
+    pages = bucket(pages, 64)
+    if self._scratch is None or self._scratch.num_pages < pages:
+      sub = dataclasses.replace(self.cfg, n_layers=self.policy.check_layer + 1)
+      self._scratch = model.KVCache.create(sub, dataclasses.replace(self.cache_cfg,
+                                                                     num_pages=pages))
+    return self._scratch
+
+  def _copy_on_write(self, agents: list[AgentState], selected: list[np.ndarray]) -> int:
+    """Give each agent its own page for every master block it recomputes any token of."""
+    src, dst = [], []
+    ps = self.cache_cfg.page_size
+    for a, sel in zip(agents, selected, strict=True):
+      touched = set((a.table.slots_at(np.flatnonzero(sel)) // ps).tolist())
+      for b in sorted(a.shared_blocks()):
+        master = a.table.pages[b]
+        if master not in touched:
+          continue
+        own = self.allocator.alloc(1)[0]
+        start, length = a.table.starts[b], a.table.lens[b]
+        if not sel[start:start + length].all():  # a partly recomputed block keeps the rest
+          src.append(master)
+          dst.append(own)
+        a.table.pages[b] = own
+        self.allocator.free([master])
+        a.mirror_blocks.add(b)
+    self._copy(src, dst)
+    return len(src)
+
+  def _copy(self, src: list[int], dst: list[int]) -> None:
+    if not src:
+      return
+    n = bucket(len(src), 8)
+    s = np.zeros(n, np.int32)
+    d = np.full(n, self.cache_cfg.num_pages, np.int32)  # padding: dropped
+    s[: len(src)], d[: len(dst)] = src, dst
+    self.engine.cache = collector.copy_pages(self.engine.cache, s, d)
+
+  def _run(self, chunks, want_logits: bool):
+    """Feed chunks (table, tokens, positions) in batches of max_prefill_tokens.
+
+    Returns (first sampled token per chunk whose positions end its tokens, and
+    log-probs [n, vocab] for those when want_logits).
+    """
+    budget = self.engine.max_prefill_tokens
+    pieces = [(i, c[0], c[1], c[2][j:j + budget])
+              for i, c in enumerate(chunks) for j in range(0, max(len(c[2]), 1), budget)]
+    firsts, logps, batch_items = {}, {}, []
+    size = 0
+    for piece in pieces + [None]:
+      if piece is not None and (not batch_items or size + len(piece[3]) <= budget):
+        batch_items.append(piece)
+        size += len(piece[3])
+        continue
+      self._run_batch(batch_items, want_logits, firsts, logps)
+      batch_items, size = ([piece], len(piece[3])) if piece is not None else ([], 0)
+    order = sorted(firsts)
+    lp = jnp.stack([logps[i] for i in order]) if want_logits and order else None
+    return [firsts[i] for i in order], lp
+
+  def _run_batch(self, items, want_logits, firsts, logps) -> None:
+    batch, rows = build_batch([(t, toks, pos) for _, t, toks, pos in items])
+    params = [self._sampling_for(i) if r in rows else None for r, (i, *_) in enumerate(items)]
+    samp = sampling.SamplingArrays.from_params(params, [0] * len(items),
+                                               batch.block_tables.shape[0])
+    tokens, logp, self.engine.cache = _model_step_logits(
+        self.params, self.engine.cache, batch, samp, cfg=self.cfg, attn=self.attn)
+    tokens = np.asarray(tokens)
+    for r, (i, *_) in enumerate(items):
+      if r in rows:
+        firsts[i] = int(tokens[r])
+        if want_logits:
+          logps[i] = logp[r]
+
+  def _sampling_for(self, i: int, max_tokens: int = 1) -> SamplingParams:
+    s = self.sampling
+    return dataclasses.replace(s, max_tokens=max_tokens, seed=(s.seed + 7919 * i) % (1 << 32))
+
+  # -- decode and hand-over ---------------------------------------------------------
+
+  def _decode(self, agents: list[AgentState], first: list[int]) -> dict[str, list[int]]:
+    seqs = [self.engine.adopt(a.tokens, a.table, tok, self._sampling_for(i, a.max_tokens))
+            for i, (a, tok) in enumerate(zip(agents, first, strict=True))]
+    bar = _progress(sum(a.max_tokens for a in agents), self.progress)
+    while self.engine.has_unfinished():
+      before = sum(len(s.output) for s in seqs)
+      self.engine.step()
+      bar.update(sum(len(s.output) for s in seqs) - before)
+    bar.close()
+    for a, s in zip(agents, seqs, strict=True):
+      self.engine.finished.pop(s.seq_id)
+      a.table = s.table  # a preemption may have re-laid it out
+      a.tokens, a.output_ids, a.finish_reason = s.tokens, s.output, s.finish_reason
+    return {a.agent_id: _strip_stop(a, self.cfg) for a in agents}
+
+  def _finish(self, agents: list[AgentState], outputs: dict[str, list[int]]) -> None:
+    """Complete output K/V, hand outputs to masters / prefix cache, release the round."""
+    pending = []
+    for a in agents:
+      out = outputs[a.agent_id]
+      last = a.num_prompt + len(out) - 1  # the last output position that must hold K/V
+      if out and last == len(a.tokens) - 1:  # stopped by length: its last token was never fed
+        a.table.ensure(len(a.tokens), self.allocator)
+        pending.append((a.table, a.tokens, np.array([last])))
+    if pending:
+      self._run(pending, want_logits=False)
+    for a in agents:
+      out = outputs[a.agent_id]
+      if self.method in REUSE_METHODS and out:
+        pages = diffstore.output_master_pages(a.table, a.num_prompt, len(out))
+        if pages is not None:
+          self.allocator.share(pages)
+          self.masters.add(Segment(tuple(out), shared=True).key, out, pages, source="decode")
+      if self.prefix is not None:
+        self._cache_blocks(a, a.num_prompt + len(out))
+    self._release(agents)
+
+  def _cache_blocks(self, a: AgentState, known: int) -> None:
+    """Insert the leading blocks whose K/V are complete into the prefix cache."""
+    blocks, pages = [], []
+    for page, start, length in zip(a.table.pages, a.table.starts, a.table.lens, strict=True):
+      if start + length > known:
+        break
+      blocks.append(tuple(a.tokens[start:start + length]))
+      pages.append(page)
+    self.prefix.insert(blocks, pages)
+
+  def _release(self, agents: list[AgentState]) -> None:
+    for a in agents:
+      a.table.release(self.allocator)
+
+  # -- quality ------------------------------------------------------------------------
+
+  def _quality(self, rnd: Round, logprobs) -> dict:
+    """Next-token agreement with `full` on the same prompts (untimed)."""
+    tables = []
+    try:
+      for p in rnd.prompts:
+        t = BlockTable(self.cache_cfg.page_size)
+        for seg in p.segments:
+          t.append_segment(self.allocator.alloc(pages_needed(len(seg), t.page_size)), len(seg))
+        tables.append(t)
+      chunks = [(t, p.tokens, np.arange(p.num_tokens)) for t, p in zip(tables, rnd.prompts,
+                                                                        strict=True)]
+      _, ref = self._run(chunks, want_logits=True)
+    except OutOfPages:
+      return {"skipped": "pool too small for the reference prefill"}
+    finally:
+      for t in tables:
+        t.release(self.allocator)
+    return next_token_quality(ref, logprobs)
+
+
+def next_token_quality(ref_logp, logp) -> dict:
+  """Top-1 agreement and mean KL(ref || method) of next-token distributions [n, vocab]."""
+  ref_logp, logp = np.asarray(ref_logp, np.float64), np.asarray(logp, np.float64)
+  kl = np.sum(np.exp(ref_logp) * (ref_logp - logp), axis=-1)
+  top1 = ref_logp.argmax(-1) == logp.argmax(-1)
+  return {"top1_agreement": float(top1.mean()), "mean_kl": float(kl.mean()),
+          "max_kl": float(kl.max())}
+
+
+def _strip_stop(a: AgentState, cfg: ModelConfig) -> list[int]:
+  out = list(a.output_ids)
+  if a.finish_reason == "stop" and out:
+    out = out[:-1]
+  return out
+
+
+def _token_stats(agents: list[AgentState]) -> dict:
+  prompt = sum(a.num_prompt for a in agents)
+  recomputed = sum(len(a.recompute) for a in agents if a.recompute is not None)
+  return {"prompt_tokens": prompt, "computed_tokens": recomputed,
+          "computed_fraction": recomputed / max(prompt, 1)}
+
+
+def _sync(cache, t0: float) -> float:
+  jax.block_until_ready(cache)
+  return time.perf_counter() - t0
+
+
+def _progress(total: int, enabled: bool):
+  from tqdm import tqdm
+
+  return tqdm(total=total, disable=not enabled, unit="tok", desc="decode", leave=False)
