@@ -58,16 +58,94 @@ def cmd_generate(args) -> int:
   return 0
 
 
+def _round_config(args, method: str):
+  from tokendance_jax.roundrun import RoundRunConfig
+
+  return RoundRunConfig(method=method, preset=args.preset, agents=args.agents, rounds=args.rounds,
+                        select=args.select, recompute=args.recompute,
+                        check_layer=args.check_layer, epic_k=args.epic_k, seed=args.seed,
+                        order=args.order, max_tokens=args.max_tokens,
+                        quality=not args.no_quality)
+
+
+def _model_and_pool(args):
+  from tokendance_jax import api
+  from tokendance_jax.config import AttentionConfig, CacheConfig
+
+  params, cfg, tok = api.load_model(dtype=args.dtype, cache_dir=args.cache_dir)
+  cache_cfg = CacheConfig(num_pages=args.num_pages, page_size=args.page_size, dtype=args.dtype)
+  return params, cfg, tok, cache_cfg, AttentionConfig.default_for_backend(
+      force_kernel=args.force_kernel)
+
+
+def cmd_round(args) -> int:
+  import json
+  import pathlib
+
+  from tokendance_jax.roundrun import run_rounds
+
+  params, cfg, tok, cache_cfg, attn = _model_and_pool(args)
+  result = run_rounds(params, cfg, tok, _round_config(args, args.method), cache_cfg=cache_cfg,
+                      attn=attn, progress=True)
+  for row in result["rounds"]:
+    q = row.get("quality", {})
+    print(f"round {row['round']}: prefill {row['prefill_seconds']:.2f} s, round "
+          f"{row['round_seconds']:.2f} s, KV/agent {row['kv_bytes_per_agent'] / 2**20:.2f} MiB "
+          f"(shared region {row['shared_kv_bytes_per_agent'] / 2**20:.2f} MiB), pages "
+          f"{row['pages_in_use']}, computed {100 * row['stats']['computed_fraction']:.0f}%"
+          + (f", top-1 {q['top1_agreement']:.3f}, KL {q['mean_kl']:.4f}" if "mean_kl" in q else ""))
+  if args.json:
+    pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.json}")
+  return 0
+
+
 def cmd_demo(args) -> int:
-  """A short batched chat demo on the real model."""
-  args.prompt = [
-      "What is the capital of France?",
-      "Name three primary colors.",
-      "Write one sentence about the sea.",
-      "What is 12 plus 30?",
-  ]
-  args.chat = True
-  return cmd_generate(args)
+  """A multi-agent debate on the real model: tokendance beside prefix caching."""
+  from tokendance_jax.roundrun import run_rounds
+
+  params, cfg, tok, cache_cfg, attn = _model_and_pool(args)
+
+  def show(rnd, res):
+    print(f"\n=== round {res.round} ===")
+    for agent, ids in res.outputs.items():
+      text = " ".join(tok.decode(ids).split())
+      print(f"[{agent}] {text[:240]}")
+
+  results = {}
+  for method in ("tokendance", "prefix"):
+    print(f"\n##### {method} #####")
+    results[method] = run_rounds(params, cfg, tok, _round_config(args, method),
+                                 cache_cfg=cache_cfg, attn=attn, progress=True,
+                                 on_round=show if method == "tokendance" else None)
+  print("\nmethod      round  prefill_s  round_s  KV/agent_MiB  shared_KV/agent_MiB  pages  "
+        "computed  top1")
+  for method, res in results.items():
+    for row in res["rounds"]:
+      q = row.get("quality", {})
+      print(f"{method:11s} {row['round']:5d} {row['prefill_seconds']:10.2f} "
+            f"{row['round_seconds']:8.2f} {row['kv_bytes_per_agent'] / 2**20:13.2f} "
+            f"{row['shared_kv_bytes_per_agent'] / 2**20:20.2f} {row['pages_in_use']:6d} "
+            f"{100 * row['stats']['computed_fraction']:8.0f}% "
+            f"{q.get('top1_agreement', float('nan')):5.2f}")
+  return 0
+
+
+def _add_round_args(p: argparse.ArgumentParser, agents: int, rounds: int) -> None:
+  p.add_argument("--preset", default="debate",
+                 choices=["debate", "generative_agents", "agent_society"])
+  p.add_argument("--agents", type=int, default=agents)
+  p.add_argument("--rounds", type=int, default=rounds)
+  p.add_argument("--select", default="cacheblend", choices=["cacheblend", "block", "epic"])
+  p.add_argument("--recompute", type=float, default=0.15, help="fraction of shared tokens")
+  p.add_argument("--check-layer", type=int, default=1)
+  p.add_argument("--epic-k", type=int, default=16)
+  p.add_argument("--order", default=None,
+                 choices=["canonical", "rotate_to_self", "random_per_agent"])
+  p.add_argument("--max-tokens", type=int, default=None, help="override output lengths")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--no-quality", action="store_true", help="skip the full-recompute reference")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,10 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
   _add_sampling_args(g)
   g.set_defaults(func=cmd_generate)
 
-  d = sub.add_parser("demo", help="batched chat demo on the real model")
+  r = sub.add_parser("round", help="run multi-agent rounds with one method, write JSON")
+  r.add_argument("--method", default="tokendance",
+                 choices=["full", "prefix", "cacheblend", "epic", "tokendance"])
+  r.add_argument("--json", default=None, help="write the per-round results here")
+  _add_round_args(r, agents=6, rounds=3)
+  _add_model_args(r)
+  r.set_defaults(func=cmd_round)
+
+  d = sub.add_parser("demo", help="multi-agent debate on the real model, tokendance vs prefix")
+  _add_round_args(d, agents=4, rounds=3)
   _add_model_args(d)
-  _add_sampling_args(d)
-  d.set_defaults(func=cmd_demo, max_tokens=48)
+  d.set_defaults(func=cmd_demo, max_tokens=40)
   return parser
 
 

@@ -16,6 +16,9 @@ Smallville-like town, an AgentSociety-like city with an economy and news, a
 multi-agent math/fact debate), sized to token targets at ~4 characters per
 token. Everything is seeded from (seed, stream, round, agent), so
 `prompt(r, i)` does not depend on call order.
+
+`render(items, output, markers=True)` shows a prompt as text;
+`private_share(items, output_chars)` measures how much of it is private.
 """
 
 from __future__ import annotations
@@ -332,7 +335,8 @@ class _Flavor:
 
   named_headers = True  # "Agent 5 (Leo Haddad) said:" rather than "Agent 5 said:"
 
-  def system(self, rng, n_agents: int, target: int) -> str:
+  # `everyone` is a pseudo-agent whose `others` are all the agents' names, for shared text.
+  def system(self, rng, everyone: _Agent, target: int) -> str:
     raise NotImplementedError
 
   def persona(self, rng, agent: _Agent, target: int) -> str:
@@ -341,10 +345,10 @@ class _Flavor:
   def memory(self, rng, agent: _Agent, target: int) -> str:
     raise NotImplementedError
 
-  def env(self, rng, round: int, walk: dict, target: int) -> str:
+  def env(self, rng, round: int, walk: dict, everyone: _Agent, target: int) -> str:
     raise NotImplementedError
 
-  def opening(self, rng, target: int) -> str:
+  def opening(self, rng, everyone: _Agent, target: int) -> str:
     raise NotImplementedError
 
   def tail(self, rng, round: int, agent: _Agent, target: int) -> str:
@@ -441,7 +445,7 @@ _TOWN_BANKS = {
     "favor": (
         "help decorate the cafe", "return the borrowed ladder", "read a draft of their essay",
         "bring some fresh bread", "water their plants", "practice a duet",
-        "proofread a flyer", "lend them my bicycle"),
+        "proofread a flyer", "lend them a bicycle"),
     "deadline": ("the weekend", "Friday", "the party", "the end of the month", "tomorrow"),
     "topic": (
         "the mayoral election", "the new bike lane", "rising rent", "the college budget",
@@ -517,30 +521,34 @@ _TOWN_MEMORIES = (
 )
 _TOWN_EVENTS = (
     "Word is going around that {gossip}.",
-    "The weather today is {weather}.",
+    "{other} is asking whether anyone can {favor}.",
     "{other} has been seen {activity} at {place}.",
     "People at {place} are talking about {topic}.",
     "Several residents noticed that {observation}.",
 )
 
 
+def _town_event(rng, banks: dict) -> str:
+  return _capitalize(_format(rng, _pick(rng, _TOWN_EVENTS), banks))
+
+
 class _Town(_Flavor):
   """Generative Agents (Smallville): identity summaries, retrieved memories, hourly rounds."""
 
-  def _banks(self, agent: _Agent | None = None) -> dict:
-    others = agent.others if agent and agent.others else ("a neighbor", "a stranger")
+  def _banks(self, agent: _Agent) -> dict:
+    others = agent.others or ("a neighbor", "a stranger")
     return {**_TOWN_BANKS, "other": others}
 
-  def system(self, rng, n_agents, target):
+  def system(self, rng, everyone, target):
+    n_agents = len(everyone.others)
     head = (f"This is a simulation of Smallville, a small town with {n_agents} residents. You "
             "play one of the residents, and the others are played by other instances of you.")
     tail = (" Below are your identity summary, your relevant memories, and what the residents "
             "near you said during the last hour.\n")
     places = [f"{p}: {d}." for p, d in _TOWN_PLACES.items()]
     parts = _shuffled(rng, _TOWN_RULES) + ["About the town."] + _shuffled(rng, places)
-    banks = self._banks()
-    return _compose(rng, head, _from_list(parts, lambda r: _format(r, _pick(r, _TOWN_EVENTS),
-                                                                    banks)), target, tail)
+    banks = self._banks(everyone)
+    return _compose(rng, head, _from_list(parts, lambda r: _town_event(r, banks)), target, tail)
 
   def persona(self, rng, agent, target):
     first = agent.name.split()[0]
@@ -575,19 +583,20 @@ class _Town(_Flavor):
     make = lambda r, k: "- " + _format(r, _pick(r, _TOWN_MEMORIES), banks)
     return _compose(rng, head, make, target - 1, sep="\n") + "\n"
 
-  def env(self, rng, round, walk, target):
+  def env(self, rng, round, walk, everyone, target):
     hour = 7 + round
     weather = _pick(rng, _TOWN_BANKS["weather"])
     head = f"Smallville update, {_clock(hour)}: the weather is {weather}."
-    banks = self._banks()
-    make = lambda r, k: _format(r, _pick(r, _TOWN_EVENTS), banks)
+    banks = self._banks(everyone)
+    make = lambda r, k: _town_event(r, banks)
     return _compose(rng, head, make, target - 1) + "\n"
 
-  def opening(self, rng, target):
-    head = ("It is 7:00 AM on February 13 in Smallville, and the town is waking up. Nobody has "
-            "spoken yet today.")
-    banks = self._banks()
-    make = lambda r, k: _format(r, _pick(r, _TOWN_EVENTS), banks)
+  def opening(self, rng, everyone, target):
+    weather = _pick(rng, _TOWN_BANKS["weather"])
+    head = (f"It is 7:00 AM on February 13 in Smallville, and the town is waking up; the weather "
+            f"is {weather}. Nobody has spoken yet today.")
+    banks = self._banks(everyone)
+    make = lambda r, k: _town_event(r, banks)
     return _compose(rng, head, make, target - 1) + "\n"
 
   def tail(self, rng, round, agent, target):
@@ -596,10 +605,11 @@ class _Town(_Flavor):
     day = 13 + hour // 24
     suffix = f"What do you do next? Answer in two sentences.\n{agent.handle}:"
     head = f"It is {_clock(hour)} on February {day}."
+    here, there = (tuple(_TOWN_PLACES)[int(j)] for j in rng.choice(len(_TOWN_PLACES), 2, False))
     make = _from_list(
-        [f"{first} is at {_pick(rng, tuple(_TOWN_PLACES))}.",
-         f"{first} is {_pick(rng, _TOWN_BANKS['state'])}."],
-        lambda r: f"{first} could go to {_pick(r, tuple(_TOWN_PLACES))} or stay where they are.")
+        [f"{first} is at {here}.", f"{first} is {_pick(rng, _TOWN_BANKS['state'])}.",
+         f"{first} could go to {there} next or stay put."],
+        lambda r: f"{first} has no fixed plans for the next hour.")
     return "\n" + _compose(rng, head, make, target - 2 - len(suffix)) + "\n" + suffix
 
 
@@ -625,7 +635,9 @@ _CITY_BANKS = {
     "district": tuple(_DISTRICTS),
     "amount": _money(8, 240),
     "pct": _int_between(2, 15),
-    "day": _int_between(1, 9),
+    "when": (
+        "Last Monday", "Last Tuesday", "Last weekend", "A week ago", "Two weeks ago",
+        "Last month", "Ten days ago", "On Friday"),
     "feeling": ("relieved", "anxious", "cheerful", "frustrated", "hopeful", "tired", "lonely"),
     "topic": (
         "the rent increase", "the basic income trial", "the new subway line", "job openings",
@@ -698,27 +710,28 @@ _CITY_RULES = (
     "Answer as the citizen, in the first person, without explaining your reasoning at length.",
 )
 _CITY_INCIDENTS = (
-    "Day {day}: I bought groceries at the market in {district} and spent {amount}.",
-    "Day {day}: I had a long call with {other} about {topic}.",
-    "Day {day}: I worked an extra shift and earned {amount} more than usual.",
-    "Day {day}: I read that {headline}.",
-    "Day {day}: I felt {feeling} after {other} {event_other}.",
-    "Day {day}: I took the subway to {district} to {purpose}.",
-    "Day {day}: my landlord told me the rent will go up by {pct}% next month.",
-    "Day {day}: I argued with {other} about {topic} and we both got {feeling}.",
-    "Day {day}: I paid {amount} for electricity and internet.",
-    "Day {day}: {other} told me that {info}.",
+    "{when}, I bought groceries at the market in {district} and spent {amount}.",
+    "{when}, I had a long call with {other} about {topic}.",
+    "{when}, I worked an extra shift and earned {amount} more than usual.",
+    "{when}, I read that {headline}.",
+    "{when}, I felt {feeling} after {other} {event_other}.",
+    "{when}, I took the subway to {district} to {purpose}.",
+    "{when}, my landlord told me the rent will go up by {pct}% next month.",
+    "{when}, I argued with {other} about {topic}.",
+    "{when}, I paid {amount} for electricity and internet.",
+    "{when}, {other} told me that {info}.",
 )
 
 
 class _City(_Flavor):
   """AgentSociety: shared world state, private profile and status, short messages."""
 
-  def _banks(self, agent: _Agent | None = None) -> dict:
-    others = agent.others if agent and agent.others else ("a neighbor", "a colleague")
+  def _banks(self, agent: _Agent) -> dict:
+    others = agent.others or ("a neighbor", "a colleague")
     return {**_CITY_BANKS, "other": others}
 
-  def system(self, rng, n_agents, target):
+  def system(self, rng, everyone, target):
+    n_agents = len(everyone.others)
     head = (f"You are a citizen of a simulated city with {n_agents} residents, part of a "
             "large-scale social simulation. Every step is one simulated day: all citizens act at "
             "the same time, and the city updates its economy and news after each step.")
@@ -726,8 +739,8 @@ class _City(_Flavor):
             "latest messages from other citizens follow.\n")
     districts = [f"{d}: {t}." for d, t in _DISTRICTS.items()]
     parts = _shuffled(rng, _CITY_RULES) + ["The districts of the city."] + districts
-    banks = self._banks()
-    more = lambda r: "Recent news: " + _format(r, "{headline}.", banks)
+    banks = self._banks(everyone)
+    more = lambda r: "Recent news: " + _capitalize(_format(r, "{headline}.", banks))
     return _compose(rng, head, _from_list(parts, more), target, tail)
 
   def persona(self, rng, agent, target):
@@ -757,7 +770,7 @@ class _City(_Flavor):
     make = lambda r, k: "- " + _format(r, _pick(r, _CITY_INCIDENTS), banks)
     return _compose(rng, "Recent incidents:", make, target - 1, sep="\n") + "\n"
 
-  def env(self, rng, round, walk, target):
+  def env(self, rng, round, walk, everyone, target):
     items = [
         f"World state, day {round + 1}.",
         f"Weather: {walk['weather']}, high of {walk['temp']:.0f} C.",
@@ -771,9 +784,10 @@ class _City(_Flavor):
     more = lambda r: _pick(r, news)
     return _fill(rng, _from_list(items + _shuffled(rng, news), more), target - 1) + "\n"
 
-  def opening(self, rng, target):
+  def opening(self, rng, everyone, target):
     head = "Day 1 begins. Citizens have not sent any messages yet."
-    make = lambda r, k: _format(r, _pick(r, ("News: {headline}.", "Notice: {info}.")), _CITY_BANKS)
+    make = lambda r, k: _pick(r, ("News: ", "Notice: ")) + _capitalize(
+        _format(r, _pick(r, ("{headline}.", "{info}.")), _CITY_BANKS))
     return _compose(rng, head, make, target - 1) + "\n"
 
   def tail(self, rng, round, agent, target):
@@ -786,8 +800,8 @@ class _City(_Flavor):
     return "\n" + _compose(rng, head, make, target - 2 - len(suffix)) + "\n" + suffix
 
 
-_WEATHER = ("sunny", "partly cloudy", "overcast", "light rain", "heavy rain", "windy", "hot and "
-            "humid", "foggy")
+_WEATHER = ("sunny", "partly cloudy", "overcast", "light rain", "heavy rain", "windy",
+            "hot and humid", "foggy")
 
 
 def _city_walk(seed: int, round: int) -> dict:
@@ -844,6 +858,10 @@ _DEBATE_STYLES = (
     "You say clearly when you are unsure.", "You like to verify an answer in a second way.",
     "You keep your explanations brief.", "You respond politely but firmly to disagreement.",
     "You avoid rounding until the last step.")
+_DEBATE_HINTS = (
+    "Keep your answer under 300 words.", "Show the key intermediate results.",
+    "If you change your answer, say why.", "Write the final answer only once.",
+    "Name any assumption you make.", "Point out the first wrong step you find, if any.")
 
 
 def _arithmetic_question(rng) -> str:
@@ -856,13 +874,13 @@ class _Debate(_Flavor):
 
   named_headers = False  # answers are anonymous, as in Du et al.
 
-  def system(self, rng, n_agents, target):
+  def system(self, rng, everyone, target):
+    n_agents = len(everyone.others)
     question = _arithmetic_question(rng) if rng.random() < 0.5 else _pick(rng, _QUESTIONS)
     head = (f"You are one of {n_agents} agents debating the answer to a question.\n"
             f"Question: {question}\n")
     tail = "\n"
-    rules = list(_DEBATE_RULES)
-    make = _from_list(rules, lambda r: _pick(r, _DEBATE_RULES))
+    make = _from_list(_DEBATE_RULES, lambda r: _pick(r, _DEBATE_RULES))
     return head + _fill(rng, make, target - len(head) - len(tail)) + tail
 
   def persona(self, rng, agent, target):
@@ -874,12 +892,12 @@ class _Debate(_Flavor):
     make = lambda r, k: _pick(r, _DEBATE_STYLES)
     return _compose(rng, "Notes to self:", make, target - 1) + "\n"
 
-  def env(self, rng, round, walk, target):
+  def env(self, rng, round, walk, everyone, target):
     head = f"Debate status: round {round}."
     make = lambda r, k: _pick(r, _DEBATE_RULES)
     return _compose(rng, head, make, target - 1) + "\n"
 
-  def opening(self, rng, target):
+  def opening(self, rng, everyone, target):
     return "This is the first round. No other agent has answered yet.\n"
 
   def history_header(self, round):
@@ -895,7 +913,7 @@ class _Debate(_Flavor):
               "your solution and that of the other agents step by step. Put your answer in the "
               "form (X) at the end of your response.")
     suffix = f"\n{agent.handle}:"
-    make = lambda r, k: _pick(r, _DEBATE_RULES)
+    make = lambda r, k: _pick(r, _DEBATE_HINTS)
     return "\n" + _compose(rng, text, make, target - 1 - len(suffix)) + suffix
 
 
@@ -919,10 +937,11 @@ class Workload:
     self.agents = [f"agent{i}" for i in range(cfg.n_agents)]
     self.names = _person_names(cfg.seed, cfg.n_agents)
     self._people = [self._person(i) for i in range(cfg.n_agents)]
+    self._everyone = _Agent(index=-1, handle="all", name="", others=tuple(self.names))
     self.system_text = self._flavor.system(
-        _rng(cfg.seed, _SYSTEM), cfg.n_agents, _chars(cfg.sys_tokens))
+        _rng(cfg.seed, _SYSTEM), self._everyone, _chars(cfg.sys_tokens))
     self.opening_text = self._flavor.opening(
-        _rng(cfg.seed, _OPENING), _chars(min(max(cfg.out_tokens_median, 24), 160)))
+        _rng(cfg.seed, _OPENING), self._everyone, _chars(min(max(cfg.out_tokens_median, 24), 160)))
     self.persona_texts = [self._sized(_PERSONA, i, cfg.persona_tokens, self._flavor.persona)
                           for i in range(cfg.n_agents)]
     self.memory_texts = [self._sized(_MEMORY, i, cfg.private_mem_tokens, self._flavor.memory)
@@ -1002,10 +1021,13 @@ class Workload:
     if round not in self._env_cache:
       walk = _city_walk(self.cfg.seed, round)
       self._env_cache[round] = self._flavor.env(
-          _rng(self.cfg.seed, _ENV, round), round, walk, _chars(self.cfg.shared_env_tokens))
+          _rng(self.cfg.seed, _ENV, round), round, walk, self._everyone,
+          _chars(self.cfg.shared_env_tokens))
     return self._env_cache[round]
 
   def tail_text(self, round: int, agent: int) -> str:
+    """Agent `agent`'s private closing question in `round`, ending in its handle and ":"."""
+    self._check(round, agent)
     rng = _rng(self.cfg.seed, _TAIL, round, agent)
     return self._flavor.tail(rng, round, self._people[agent], _chars(self.cfg.tail_tokens))
 

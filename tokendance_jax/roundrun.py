@@ -1,0 +1,121 @@
+"""Drive a multi-agent workload through a `RoundSession` with the real model and tokenizer.
+
+Round r+1 consumes the model's own outputs of round r: each agent's
+generated token ids become a shared segment of the other agents' prompts,
+byte-identical, with no re-tokenization. Prompts are wrapped in the model's
+ChatML turns (the system turn is part of the shared system segment).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from tokendance_jax import workloads
+from tokendance_jax.rounds import AgentPrompt, ReusePolicy, Round, Segment
+from tokendance_jax.session import RoundSession
+
+SYSTEM_OPEN = "<|im_start|>system\n"
+SYSTEM_CLOSE = "<|im_end|>\n<|im_start|>user\n"
+TURN_CLOSE = "<|im_end|>\n<|im_start|>assistant\n"
+
+
+class PromptBuilder:
+  """Workload text -> token segments, with a tokenization memo (shared text is encoded once)."""
+
+  def __init__(self, workload: workloads.Workload, tokenizer):
+    self.workload, self.tok = workload, tokenizer
+    self._memo: dict[str, tuple[int, ...]] = {}
+
+  def encode(self, text: str) -> tuple[int, ...]:
+    if text not in self._memo:
+      self._memo[text] = tuple(self.tok.encode(text))
+    return self._memo[text]
+
+  def round(self, r: int, outputs: list[dict[int, list[int]]]) -> Round:
+    """outputs[r'][agent] = token ids agent generated in round r'."""
+    prompts = []
+    for i, agent_id in enumerate(self.workload.agents):
+      items = self.workload.prompt(r, i)
+      segs = [self._segment(item, k, len(items), outputs) for k, item in enumerate(items)]
+      segs = [s for s in segs if s is not None and len(s)]
+      prompts.append(AgentPrompt(agent_id, segs, max_tokens=self.workload.max_tokens(r, i)))
+    return Round(prompts)
+
+  def _segment(self, item, k: int, n: int, outputs) -> Segment | None:
+    if isinstance(item, workloads.OutputRef):
+      ids = outputs[item.round].get(item.agent, [])
+      return Segment(tuple(ids), shared=not item.private, name=f"out:{item.agent}:{item.round}")
+    text = item.text
+    if k == 0:
+      text = SYSTEM_OPEN + text + SYSTEM_CLOSE
+    if k == n - 1:
+      text = text + TURN_CLOSE
+    return Segment(self.encode(text), shared=item.shared, name=item.name)
+
+
+@dataclasses.dataclass
+class RoundRunConfig:
+  method: str = "tokendance"
+  preset: str = "debate"
+  agents: int = 6
+  rounds: int = 3
+  select: str = "cacheblend"
+  recompute: float = 0.15
+  check_layer: int = 1
+  epic_k: int = 16
+  seed: int = 0
+  order: str | None = None
+  max_tokens: int | None = None  # override the workload's output caps
+  quality: bool = True
+
+
+def run_rounds(params, cfg, tokenizer, rc: RoundRunConfig, *, cache_cfg, attn=None,
+               progress: bool = False, on_round=None) -> dict:
+  """Run rc.rounds rounds of rc.preset with rc.method; returns the JSON-ready result."""
+  overrides = dict(n_agents=rc.agents, rounds=rc.rounds, seed=rc.seed)
+  if rc.order:
+    overrides["order"] = rc.order
+  if rc.max_tokens:
+    overrides["out_tokens_median"] = rc.max_tokens
+    overrides["out_tokens_clip"] = (rc.max_tokens, rc.max_tokens)
+  wl = workloads.Workload(workloads.preset(rc.preset, **overrides))
+  builder = PromptBuilder(wl, tokenizer)
+  policy = ReusePolicy(select=rc.select, recompute=rc.recompute, check_layer=rc.check_layer,
+                       epic_k=rc.epic_k)
+  sess = RoundSession(params, cfg, method=rc.method, policy=policy, cache_cfg=cache_cfg,
+                      attn=attn, quality=rc.quality)
+  outputs: list[dict[int, list[int]]] = []
+  rounds = []
+  bar = _progress(rc.rounds, progress, rc.method)
+  start = time.perf_counter()
+  try:
+    for r in range(rc.rounds):
+      rnd = builder.round(r, outputs)
+      res = sess.run_round(rnd)
+      by_index = {wl.agents.index(a): ids for a, ids in res.outputs.items()}
+      outputs.append(by_index)
+      row = res.to_json()
+      row["private_share"] = _private_share(rnd)
+      rounds.append(row)
+      if on_round is not None:
+        on_round(rnd, res)
+      bar.update(1)
+  finally:
+    bar.close()
+    sess.close()
+  return {"method": rc.method, "preset": rc.preset, "agents": rc.agents,
+          "config": dataclasses.asdict(rc), "page_size": cache_cfg.page_size,
+          "bytes_per_page": cache_cfg.bytes_per_page(cfg), "seconds": time.perf_counter() - start,
+          "leaked_pages": sess.allocator.num_used, "rounds": rounds}
+
+
+def _private_share(rnd: Round) -> float:
+  private = sum(len(s) for p in rnd.prompts for s in p.segments if not s.shared)
+  return private / max(sum(p.num_tokens for p in rnd.prompts), 1)
+
+
+def _progress(total: int, enabled: bool, desc: str):
+  from tqdm import tqdm
+
+  return tqdm(total=total, disable=not enabled, unit="round", desc=desc)
