@@ -49,6 +49,17 @@ def next_pow2(n: int) -> int:
   return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+def pages_per_step(block_sizes: BlockSizes, page_size: int) -> int:
+  """Pages per online-softmax step, raised so a step holds >= 16 keys (the smallest Triton dot K)."""
+  return max(block_sizes.pages_per_block, next_pow2(-(-16 // page_size)))
+
+
+def check_pools(k_pages, v_pages) -> None:
+  if k_pages.shape != v_pages.shape or k_pages.ndim not in (4, 5):
+    raise ValueError(f"k_pages {k_pages.shape} / v_pages {v_pages.shape} must both be "
+                     "[kv_heads, num_pages, page_size, head_dim] or [layers, ...] of that")
+
+
 def layered(k_pages, v_pages, layer):
   """Accept one layer's pool [kv_heads, P, ps, d] or all layers' [L, kv_heads, P, ps, d].
 
@@ -56,9 +67,7 @@ def layered(k_pages, v_pages, layer):
   layer plus an index lets a scan over layers hand the kernel the carried
   cache without slicing (and copying) one layer out.
   """
-  if k_pages.shape != v_pages.shape or k_pages.ndim not in (4, 5):
-    raise ValueError(f"k_pages {k_pages.shape} / v_pages {v_pages.shape} must both be "
-                     "[kv_heads, num_pages, page_size, head_dim] or [layers, ...] of that")
+  check_pools(k_pages, v_pages)
   if k_pages.ndim == 4:
     if layer is not None:
       raise ValueError("layer is given but k_pages holds a single layer")
@@ -82,7 +91,8 @@ def block_layout(block_tables, block_pos, block_len, page_size: int, pages_per_b
   if block_pos.shape != block_tables.shape or block_len.shape != block_tables.shape:
     raise ValueError(f"block_pos {block_pos.shape} and block_len {block_len.shape} must match "
                      f"block_tables {block_tables.shape}")
-  pad = ((0, 0), (0, -width % pages_per_block))
+  # Triton loads need power-of-two shapes: pad the width to one (at least one step).
+  pad = ((0, 0), (0, max(next_pow2(width), pages_per_block) - width))
   far = jnp.iinfo(jnp.int32).max // 2  # padding blocks start after every query
   return (jnp.pad(block_tables.astype(jnp.int32), pad),
           jnp.pad(block_pos.astype(jnp.int32), pad, constant_values=far),
@@ -114,8 +124,9 @@ def _rope(x, pos, inv_freq, rot):
 def attend_pages(
     q,  # [r, d] un-rotated queries of one KV head's group
     q_pos,  # [r] int32 logical position per row; -1 marks a padding row
-    k_pages_ref,  # [num_pages, page_size, d] un-rotated keys of this KV head
-    v_pages_ref,  # [num_pages, page_size, d]
+    layer,  # int32 scalar: the layer of the pools to read
+    k_pages_ref,  # [layers, num_pages, page_size, d] un-rotated keys of this KV head
+    v_pages_ref,  # [layers, num_pages, page_size, d]
     block_table_ref,  # [pages_per_seq] physical page of each logical block
     block_pos_ref,  # [pages_per_seq] logical position of each block's slot 0 (increasing)
     block_len_ref,  # [pages_per_seq] valid slots of each block (0 = unused entry)
@@ -134,7 +145,7 @@ def attend_pages(
   start on a fresh page while positions stay contiguous.
   """
   rows, head_dim = q.shape
-  page_size = k_pages_ref.shape[1]
+  page_size = k_pages_ref.shape[2]
   block_k = pages_per_block * page_size
   compute_dtype = k_pages_ref.dtype
 
@@ -151,8 +162,9 @@ def attend_pages(
     o, m, l = carry
     blocks = pl.ds(i * pages_per_block, pages_per_block)
     pages = block_table_ref[blocks]  # [pages_per_block]
-    k = k_pages_ref[pages].reshape(block_k, head_dim).astype(jnp.float32)  # [k, d]
-    v = v_pages_ref[pages].reshape(block_k, head_dim)  # [k, d]
+    # One indexer per load: the Triton lowering rejects a gather on a sliced ref.
+    k = k_pages_ref[layer, pages].reshape(block_k, head_dim).astype(jnp.float32)  # [k, d]
+    v = v_pages_ref[layer, pages].reshape(block_k, head_dim)  # [k, d]
     k_pos = (block_pos_ref[blocks][:, None] + slot).reshape(block_k)  # [k]
     k_ok = (slot < block_len_ref[blocks][:, None]).reshape(block_k) & (k_pos <= max_pos)
     k_rot = _rope(k, k_pos, inv_freq, rot).astype(compute_dtype)

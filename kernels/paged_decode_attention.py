@@ -45,8 +45,7 @@ def _kernel(
     mask_value: float,
 ):
   o = _body.attend_pages(
-      q_ref[...], q_pos_ref[...], k_pages_ref.at[layer_ref[0]], v_pages_ref.at[layer_ref[0]],
-      block_table_ref, block_pos_ref, block_len_ref,
+      q_ref[...], q_pos_ref[...], layer_ref[0], k_pages_ref, v_pages_ref, block_table_ref, block_pos_ref, block_len_ref,
       inv_freq_ref[...], rot_ref[...], sm_scale=sm_scale,
       pages_per_block=pages_per_block, mask_value=mask_value)
   o_ref[...] = o.astype(o_ref.dtype)
@@ -55,6 +54,7 @@ def _kernel(
 def _check_args(q, k_pages, v_pages, block_tables, positions):
   if q.ndim != 3:
     raise ValueError(f"q must be [batch, heads, head_dim], got shape {q.shape}")
+  _body.check_pools(k_pages, v_pages)
   if q.shape[-1] != k_pages.shape[-1]:
     raise ValueError(f"head_dim of q ({q.shape[-1]}) != head_dim of pages ({k_pages.shape[-1]})")
   if q.shape[1] % k_pages.shape[-4]:
@@ -114,7 +114,7 @@ def paged_decode_attention(
   kv_heads = pool_k.shape[1]
   group = n_heads // kv_heads
   rows = max(_MIN_ROWS, _body.next_pow2(group))
-  ppb = block_sizes.pages_per_block
+  ppb = _body.pages_per_step(block_sizes, k_pages.shape[-2])
   sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
 
   q_g = jnp.pad(q.reshape(batch, kv_heads, group, d), ((0, 0), (0, 0), (0, rows - group), (0, 0)))

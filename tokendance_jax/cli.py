@@ -42,12 +42,13 @@ def _sampling(args):
 
 
 def cmd_generate(args) -> int:
+  sampling_params = _sampling(args)  # bad values fail before the model loads
   engine, tok = _build(args)
   texts = [tok.apply_chat_template([{"role": "user", "content": p}]) if args.chat else p
            for p in args.prompt]
   prompts = [tok.encode(t) for t in texts]
   start = time.perf_counter()
-  results = engine.generate(prompts, _sampling(args), progress=len(prompts) > 1)
+  results = engine.generate(prompts, sampling_params, progress=len(prompts) > 1)
   elapsed = time.perf_counter() - start
   for prompt, res in zip(args.prompt, results, strict=True):
     if len(results) > 1:
