@@ -171,6 +171,22 @@ def test_bad_rounds_raise_before_any_page_is_touched(params, make, match):
   assert sess.allocator.num_used == 0
 
 
+def test_segments_by_id(params):
+  """A later round can name an earlier output by its id; an unknown id is refused up front."""
+  from tokendance_jax.rounds import SegmentRef
+
+  sess = RoundSession(params, CFG, method="tokendance", cache_cfg=POOL, quality=False)
+  res = sess.run_round(Workload().round(0, None))
+  tail = Segment((5, 6, 7), name="tail")
+  ref = SegmentRef(res.output_keys["a1"], name="out1")
+  res2 = sess.run_round(Round([AgentPrompt("a0", [ref, tail], max_tokens=3)]))
+  assert len(res2.outputs["a0"]) == 3
+  with pytest.raises(ValueError, match="unknown segment id"):
+    sess.run_round(Round([AgentPrompt("a0", [SegmentRef("nope"), tail])]))
+  sess.close()
+  assert sess.allocator.num_used == 0
+
+
 def test_unknown_method_and_bad_policy():
   with pytest.raises(ValueError, match="method"):
     RoundSession({}, CFG, method="magic")

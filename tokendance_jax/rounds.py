@@ -44,6 +44,18 @@ class Segment:
 
 
 @dataclasses.dataclass(frozen=True)
+class SegmentRef:
+  """A shared segment named by its key (`Segment.key`) instead of its tokens.
+
+  Resolved against the segments a session has seen (earlier rounds' shared
+  segments and agents' outputs); an unknown key is an error.
+  """
+
+  key: str
+  name: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class AgentPrompt:
   """One agent's prompt for a round, and how many tokens it may generate."""
 
@@ -82,6 +94,18 @@ class Round:
         raise ValueError(f"duplicate agent id {p.agent_id!r} in one round")
       seen.add(p.agent_id)
       _validate_prompt(p, cfg)
+
+  def resolve(self, known: dict[str, tuple[int, ...]]) -> Round:
+    """Replace every SegmentRef by the shared Segment it names; ValueError if unknown."""
+    def seg(s, agent):
+      if not isinstance(s, SegmentRef):
+        return s
+      if s.key not in known:
+        raise ValueError(f"agent {agent!r}: unknown segment id {s.key!r}")
+      return Segment(known[s.key], shared=True, name=s.name)
+
+    return Round([dataclasses.replace(p, segments=[seg(s, p.agent_id) for s in p.segments])
+                  for p in self.prompts])
 
   def shared_segments(self) -> dict[str, Segment]:
     return {s.key: s for p in self.prompts for s in p.segments if s.shared}

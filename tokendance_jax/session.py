@@ -70,6 +70,7 @@ class RoundResult:
   shared_kv_bytes_per_agent: float
   pages_in_use: int
   outputs: dict[str, list[int]]
+  output_keys: dict[str, str]  # segment id of each output, for SegmentRef in the next round
   quality: dict | None
   stats: dict
 
@@ -117,13 +118,20 @@ class RoundSession:
     self.sampling, self.quality, self.progress = sampling, quality, progress
     self.page_bytes = cache_cfg.bytes_per_page(cfg)
     self.round_index = 0
+    self.known: dict[str, tuple[int, ...]] = {}  # key -> tokens of every shared segment seen
     self._scratch: model.KVCache | None = None
 
   # -- public -------------------------------------------------------------------
 
   def run_round(self, rnd: Round) -> RoundResult:
-    """Prefill (per method), decode every agent, keep what the next round reuses."""
+    """Prefill (per method), decode every agent, keep what the next round reuses.
+
+    Bad input (see `Round.validate`, unknown `SegmentRef`) raises ValueError
+    before any page is touched.
+    """
+    rnd = rnd.resolve(self.known)
     rnd.validate(self.cfg)
+    self.known.update((k, s.tokens) for k, s in rnd.shared_segments().items())
     stats = dict(master_prefill_seconds=0.0, check_seconds=0.0, copy_seconds=0.0,
                  recompute_seconds=0.0, pages_copied=0)
     start = time.perf_counter()
@@ -141,6 +149,11 @@ class RoundSession:
                              [a.mirror_blocks for a in agents], self.allocator)
     outputs = self._decode(agents, first)
     self._finish(agents, outputs)
+    output_keys = {}
+    for agent_id, ids in outputs.items():
+      if ids:
+        output_keys[agent_id] = Segment(tuple(ids), shared=True).key
+        self.known[output_keys[agent_id]] = tuple(ids)
     round_seconds = time.perf_counter() - start
     n = len(agents)
     quality = self._quality(rnd, logprobs) if self.quality and self.method != "full" else None
@@ -151,7 +164,8 @@ class RoundSession:
         round=self.round_index, prefill_seconds=prefill_seconds, round_seconds=round_seconds,
         kv_bytes_per_agent=fp.unique_pages * self.page_bytes / n,
         shared_kv_bytes_per_agent=fp.shared_region_pages * self.page_bytes / n,
-        pages_in_use=fp.pages_in_use, outputs=outputs, quality=quality, stats=stats)
+        pages_in_use=fp.pages_in_use, outputs=outputs, output_keys=output_keys, quality=quality,
+        stats=stats)
     self.round_index += 1
     return result
 
