@@ -236,17 +236,20 @@ def ragged_paged_attention_reference(
   q_pad = jnp.pad(q, ((0, 1), (0, 0), (0, 0)))
   pos_pad = jnp.concatenate([q_positions.astype(jnp.int32), jnp.full((1,), -1, jnp.int32)])
   ctx = tables.shape[1] * page_size
+  num_seqs = tables.shape[0]
+  # Every sequence's keys gathered and rotated once, then shared by its tiles.
+  k_pos, k_ok = jax.vmap(_body.key_positions_reference, (0, 0, None))(starts, lens, page_size)
+  k_seq = k_pages[:, tables].reshape(kv_heads, num_seqs, ctx, d)
+  k_seq = _body.rope_reference(k_seq, k_pos[None], freqs).astype(k_pages.dtype)
+  v_seq = v_pages[:, tables].reshape(kv_heads, num_seqs, ctx, d)
 
   def one_tile(args):
     idx, seq = args  # [block_q], []
     pos = pos_pad[idx]  # [block_q]
-    k_pos, k_ok = _body.key_positions_reference(starts[seq], lens[seq], page_size)  # [ctx]
-    k = k_pages[:, tables[seq]].reshape(kv_heads, ctx, d)
-    v = v_pages[:, tables[seq]].reshape(kv_heads, ctx, d)
-    k = _body.rope_reference(k, k_pos[None, :], freqs)
+    k, v = k_seq[:, seq], v_seq[:, seq]  # [kv_heads, ctx, d]
     qr = _body.rope_reference(q_pad[idx], pos[:, None], freqs)  # [block_q, n_heads, d]
     qg = qr.reshape(-1, kv_heads, group, d).transpose(1, 2, 0, 3)  # [kv_heads, group, block_q, d]
-    mask = k_ok[None, :] & (k_pos[None, :] <= pos[:, None])  # [block_q, ctx]
+    mask = k_ok[seq][None, :] & (k_pos[seq][None, :] <= pos[:, None])  # [block_q, ctx]
     attend = functools.partial(_body.softmax_attend_reference, mask=mask, sm_scale=sm_scale,
                                mask_value=mask_value)
     out = jax.vmap(jax.vmap(attend, (0, None, None)))(qg, k, v)  # [kv_heads, group, block_q, d]
