@@ -168,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
   _add_model_args(r)
   r.set_defaults(func=cmd_round)
 
+  from tokendance_jax import serve_cli
+
+  serve_cli.add_parser(sub)
+
   d = sub.add_parser("demo", help="multi-agent debate on the real model, tokendance vs prefix")
   _add_round_args(d, agents=4, rounds=3)
   _add_model_args(d)

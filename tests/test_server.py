@@ -1,0 +1,392 @@
+"""The HTTP server, live: uvicorn on 127.0.0.1 in a thread, spoken to over HTTP.
+
+Most tests serve the TINY random model with a printable byte tokenizer, so
+they are fast; one `real_model` test drives SmolLM2 through the official
+`openai` client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import jax
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tokendance_jax import model
+from tokendance_jax.config import TINY, CacheConfig
+from tokendance_jax.engine import Engine
+from tokendance_jax.server import BackgroundServer, create_app
+
+MODEL = "tiny"
+POOL = CacheConfig(num_pages=96, page_size=8)
+
+
+class ByteTokenizer:
+  """A stand-in tokenizer for TINY: text bytes -> ids 3..255; id -> one printable character."""
+
+  def encode(self, text: str) -> list[int]:
+    return [3 + b % 253 for b in text.encode("utf-8")]
+
+  def decode(self, ids) -> str:
+    return "".join(chr(33 + int(i) % 94) for i in ids)
+
+  def apply_chat_template(self, messages) -> str:
+    if not messages:
+      raise ValueError("messages is empty")
+    return "".join(f"<{m['role']}>{m['content']}\n" for m in messages) + "<assistant>"
+
+
+@pytest.fixture(scope="module")
+def params():
+  return model.init_params(TINY, jax.random.PRNGKey(0))
+
+
+def _server(params, max_batch=16, **config):
+  engine = Engine(params, TINY, cache_cfg=POOL, max_batch=max_batch)
+  config.setdefault("session_pages", 160)
+  app = create_app(engine, ByteTokenizer(), model_name=MODEL, **config)
+  return BackgroundServer(app), app.state.worker
+
+
+@pytest.fixture(scope="module")
+def live(params):
+  """(httpx.Client on the live server, its Worker)."""
+  server, worker = _server(params)
+  with server, httpx.Client(base_url=server.url, timeout=60) as client:
+    yield client, worker
+
+
+def _complete(client, **body):
+  body = {"model": MODEL, "prompt": "Hello there", "max_tokens": 8, **body}
+  return client.post("/v1/completions", json=body)
+
+
+def _assert_error(r, status):
+  assert r.status_code == status, r.text
+  err = r.json()["error"]
+  assert set(err) == {"message", "type", "param", "code"} and err["message"]
+
+
+def _sse_payloads(text: str) -> list:
+  lines = [ln[len("data: "):] for ln in text.split("\n") if ln.startswith("data: ")]
+  assert lines[-1] == "[DONE]"
+  return [json.loads(ln) for ln in lines[:-1]]
+
+
+# -- OpenAI endpoints ------------------------------------------------------------------
+
+
+def test_models_and_health(live):
+  client, _ = live
+  r = client.get("/v1/models")
+  assert r.status_code == 200 and r.json()["data"][0]["id"] == MODEL
+  assert client.get("/health").json()["status"] == "ok"
+
+
+def test_completion_usage_and_stream_agree(live):
+  client, worker = live
+  r = _complete(client, temperature=0, max_tokens=6)
+  assert r.status_code == 200, r.text
+  body = r.json()
+  usage = body["usage"]
+  assert body["object"] == "text_completion"
+  assert usage["prompt_tokens"] == len("Hello there")
+  assert 1 <= usage["completion_tokens"] <= 6
+  assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+  text = body["choices"][0]["text"]
+
+  s = _complete(client, temperature=0, max_tokens=6, stream=True,
+                stream_options={"include_usage": True})
+  assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
+  chunks = _sse_payloads(s.text)
+  streamed = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+  assert streamed == text
+  assert chunks[-1]["usage"] == usage
+  assert worker.engine.allocator.num_used == 0
+
+
+def test_chat_non_stream_and_stream(live):
+  client, _ = live
+  body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5,
+          "temperature": 0}
+  r = client.post("/v1/chat/completions", json=body)
+  assert r.status_code == 200, r.text
+  msg = r.json()["choices"][0]["message"]
+  assert msg["role"] == "assistant"
+  s = client.post("/v1/chat/completions", json={**body, "stream": True})
+  chunks = _sse_payloads(s.text)
+  assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+  assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+  assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == msg["content"]
+  assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_seed_determinism(live):
+  client, _ = live
+  texts = [_complete(client, temperature=1.0, seed=s, max_tokens=12).json()["choices"][0]["text"]
+           for s in (7, 7, 8)]
+  assert texts[0] == texts[1]
+  assert texts[0] != texts[2]
+
+
+def test_stop_string_trims(live):
+  client, _ = live
+  full = _complete(client, temperature=1.0, seed=3, max_tokens=16).json()["choices"][0]["text"]
+  assert len(full) >= 6
+  stop = full[3:5]
+  cut = full.find(stop)
+  r = _complete(client, temperature=1.0, seed=3, max_tokens=16, stop=[stop]).json()
+  assert r["choices"][0]["text"] == full[:cut]
+  assert r["choices"][0]["finish_reason"] == "stop"
+  s = _complete(client, temperature=1.0, seed=3, max_tokens=16, stop=stop, stream=True)
+  assert "".join(c["choices"][0]["text"] for c in _sse_payloads(s.text)) == full[:cut]
+
+
+def test_stream_disconnect_frees_pages(live):
+  client, worker = live
+  body = {"model": MODEL, "prompt": "x", "max_tokens": 300, "stream": True, "temperature": 1.0,
+          "seed": 1}
+  with client.stream("POST", "/v1/completions", json=body) as r:
+    assert r.status_code == 200
+    next(r.iter_lines())
+  deadline = time.monotonic() + 30
+  while worker.engine.running and time.monotonic() < deadline:
+    time.sleep(0.05)
+  assert worker.engine.allocator.num_used == 0 and not worker.engine.running
+  assert _complete(client).status_code == 200
+
+
+BAD_BODIES = [
+    ("/v1/completions", b"{not json", 400),
+    ("/v1/completions", b"[1, 2, 3]", 400),
+    ("/v1/completions", {"model": MODEL, "prompt": 5}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": "5"}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": "hot"}, 400),
+    ("/v1/completions", {"model": "gpt-9", "prompt": "x"}, 404),
+    ("/v1/completions", {"prompt": "x"}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": -1}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 10**12}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "x" * 600, "max_tokens": 1}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "", "max_tokens": 1}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": [999999]}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": 5}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "top_p": 1.5}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "seed": -1}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "stop": [""]}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 2}, 400),
+    ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400),
+    ("/v1/chat/completions", {"model": MODEL, "messages": "hi"}, 400),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user"}]}, 400),
+    ("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]},
+     404),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                              "max_tokens": -3}, 400),
+    ("/v1/nowhere", {}, 404),
+]
+
+
+@pytest.mark.parametrize("path,body,status", BAD_BODIES)
+def test_bad_input_is_4xx_and_server_survives(live, path, body, status):
+  client, worker = live
+  if isinstance(body, bytes):
+    r = client.post(path, content=body, headers={"content-type": "application/json"})
+  else:
+    r = client.post(path, json=body)
+  _assert_error(r, status)
+  assert _complete(client, max_tokens=2).status_code == 200
+  assert worker.engine.allocator.num_used == 0
+
+
+def test_metrics(live):
+  client, _ = live
+  _complete(client)
+  text = client.get("/metrics").text
+  for name in ("tokendance_pages_used", "tokendance_pages_free", "tokendance_queue_depth",
+               "tokendance_generated_tokens_total", "tokendance_tokens_per_second",
+               "tokendance_requests_total"):
+    assert f"\n{name}" in "\n" + text, name
+
+
+# -- load and backpressure -------------------------------------------------------------
+
+
+async def _many(url: str, n: int, **body) -> list[httpx.Response]:
+  limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+  async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+    async def one(i):
+      stream = i % 2 == 1
+      req = {"model": MODEL, "prompt": f"client {i} says hello", "max_tokens": 8,
+             "temperature": 0.7, "seed": i, "stream": stream, **body}
+      return await client.post("/v1/completions", json=req)
+    return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+def test_64_concurrent_clients_no_errors_no_leaks(live):
+  client, worker = live
+  url = str(client.base_url)
+  responses = asyncio.run(_many(url, 64))
+  assert [r.status_code for r in responses] == [200] * 64
+  for i, r in enumerate(responses):
+    if i % 2:
+      _sse_payloads(r.text)
+    else:
+      assert r.json()["usage"]["completion_tokens"] >= 1
+  assert worker.engine.allocator.num_used == 0
+  assert not worker.engine.running and not worker.engine.waiting and not worker.engine.finished
+
+
+def test_queue_bound_gives_429(params):
+  server, worker = _server(params, max_batch=1, max_queue=1)
+  with server:
+    responses = asyncio.run(_many(server.url, 8, max_tokens=24, stream=False))
+    codes = [r.status_code for r in responses]
+    assert codes.count(200) >= 2 and codes.count(429) >= 1, codes
+    for r in responses:
+      if r.status_code == 429:
+        assert r.headers["retry-after"] == "1"
+        _assert_error(r, 429)
+    with httpx.Client(base_url=server.url) as client:
+      assert _complete(client).status_code == 200
+  assert worker.engine.allocator.num_used == 0
+
+
+def test_api_key(params):
+  server, _ = _server(params, api_key="sekret")
+  with server, httpx.Client(base_url=server.url, timeout=60) as client:
+    _assert_error(client.get("/v1/models"), 401)
+    _assert_error(client.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
+    _assert_error(_complete(client), 401)
+    ok = client.get("/v1/models", headers={"Authorization": "Bearer sekret"})
+    assert ok.status_code == 200
+
+
+# -- sessions --------------------------------------------------------------------------
+
+
+SESSION = {"system": "You debate.",
+           "agents": {"a": "Optimist.", "b": "Pessimist.", "c": "Judge.", "d": "Joker."},
+           "method": "tokendance", "select": "block", "recompute": 0.2, "max_tokens": 6}
+
+
+def test_session_lifecycle_frees_pages(live):
+  client, worker = live
+  r = client.post("/v1/sessions", json=SESSION)
+  assert r.status_code == 200, r.text
+  sid = r.json()["id"]
+  alloc = worker.sessions[sid].rs.allocator
+  for k in range(2):
+    rr = client.post(f"/v1/sessions/{sid}/rounds", json={"message": f"Round {k}."})
+    assert rr.status_code == 200, rr.text
+    assert set(rr.json()["outputs"]) == {"a", "b", "c", "d"}
+  rr = client.post(f"/v1/sessions/{sid}/rounds", json={"agents": ["a", "b", "c"],
+                                                       "messages": {"a": "Sum up."}})
+  assert rr.status_code == 200, rr.text
+  assert set(rr.json()["outputs"]) == {"a", "b", "c"}
+  info = client.get(f"/v1/sessions/{sid}").json()
+  assert info["rounds"] == 3 and set(info["agents"]) == {"a", "b", "c", "d"}
+  assert info["agents"]["a"]["kv_pages"] >= 0 and info["master_pages"] > 0
+  assert info["pages_in_use"] == alloc.num_used > 0
+  _assert_error(client.post(f"/v1/sessions/{sid}/rounds", json={"agents": ["zed"]}), 404)
+  _assert_error(client.post(f"/v1/sessions/{sid}/rounds", json={"max_tokens": -1}), 400)
+  assert client.delete(f"/v1/sessions/{sid}").status_code == 200
+  assert alloc.num_used == 0
+  _assert_error(client.get(f"/v1/sessions/{sid}"), 404)
+  _assert_error(client.post(f"/v1/sessions/{sid}/rounds", json={}), 404)
+  _assert_error(client.post("/v1/sessions", json={**SESSION, "agents": {}}), 400)
+  _assert_error(client.post("/v1/sessions", json={**SESSION, "method": "magic"}), 400)
+
+
+async def _rounds(url: str, sid: str, messages: list[str]) -> list[dict]:
+  async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+    out = []
+    for m in messages:
+      r = await client.post(f"/v1/sessions/{sid}/rounds", json={"message": m})
+      assert r.status_code == 200, r.text
+      out.append(r.json()["outputs"])
+    return out
+
+
+def test_sessions_do_not_cross_talk(live):
+  client, _ = live
+  url = str(client.base_url)
+  ids = [client.post("/v1/sessions", json=SESSION).json()["id"] for _ in range(3)]
+  try:
+    alone = asyncio.run(_rounds(url, ids[0], ["go", "again"]))
+
+    async def both():
+      return await asyncio.gather(_rounds(url, ids[1], ["go", "again"]),
+                                  _rounds(url, ids[2], ["something else", "and more"]),
+                                  _many(url, 8))
+    twin, other, _ = asyncio.run(both())
+    assert twin == alone
+  finally:
+    for sid in ids:
+      client.delete(f"/v1/sessions/{sid}")
+
+
+# -- fuzz -----------------------------------------------------------------------------
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["model", "prompt", "messages", "max_tokens", "stop", "seed", "stream",
+                         "temperature", "agents", "role", "content", "top_p"]) | st.text(max_size=5),
+        inner, max_size=5),
+    max_leaves=12)
+_paths = st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/sessions",
+                          "/v1/sessions/nope/rounds"])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(path=_paths, body=_json | st.binary(max_size=64))
+def test_fuzz_garbage_bodies(live, path, body):
+  client, worker = live
+  raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+  r = client.post(path, content=raw, headers={"content-type": "application/json"})
+  assert r.status_code < 500, r.text
+  if r.status_code >= 400:
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+  assert client.get("/health").status_code == 200
+  assert worker.engine.allocator.num_used == 0
+
+
+# -- the real model through the official client ---------------------------------------------
+
+
+@pytest.mark.real_model
+def test_openai_client_real_model(real_params):
+  openai = pytest.importorskip("openai")
+  from tokendance_jax.tokenizer import Tokenizer
+
+  params, cfg = real_params
+  engine = Engine(params, cfg, cache_cfg=CacheConfig(num_pages=128, page_size=16), max_batch=4)
+  app = create_app(engine, Tokenizer.from_gguf(), session_pages=128)
+  with BackgroundServer(app) as server:
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x")
+    name = client.models.list().data[0].id
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    r = client.chat.completions.create(model=name, messages=msgs, temperature=0, max_tokens=12)
+    assert "Paris" in r.choices[0].message.content
+    assert r.usage.completion_tokens >= 1
+    stream = client.chat.completions.create(model=name, messages=msgs, temperature=0,
+                                            max_tokens=12, stream=True)
+    text = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+    assert text == r.choices[0].message.content
+
+    http = httpx.Client(base_url=server.url, timeout=120)
+    s = http.post("/v1/sessions", json={"system": "Two agents discuss travel.",
+                                         "agents": {"ann": "You love Paris.", "bob": "You love Rome."},
+                                         "max_tokens": 6})
+    assert s.status_code == 200, s.text
+    rr = http.post(f"/v1/sessions/{s.json()['id']}/rounds", json={"message": "Say hello."})
+    assert rr.status_code == 200, rr.text
+    outs = rr.json()["outputs"]
+    assert set(outs) == {"ann", "bob"} and all(isinstance(t, str) for t in outs.values())
+    assert http.delete(f"/v1/sessions/{s.json()['id']}").status_code == 200
