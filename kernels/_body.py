@@ -187,6 +187,42 @@ def attend_pages(
   return o / jnp.where(l == 0.0, 1.0, l)[:, None]
 
 
+def attention_kernel(
+    q_ref,  # [r, d] query rows of one KV head's group (one sequence)
+    q_pos_ref,  # [r] int32
+    layer_ref,  # [1] int32 layer to read
+    k_pages_ref,  # [layers, num_pages, page_size, d] this KV head, every layer
+    v_pages_ref,  # [layers, num_pages, page_size, d]
+    block_table_ref,  # [pages_per_seq]
+    block_pos_ref,  # [pages_per_seq]
+    block_len_ref,  # [pages_per_seq]
+    inv_freq_ref,  # [d]
+    rot_ref,  # [d, d]
+    o_ref,  # [r, d]
+    *,
+    sm_scale: float,
+    pages_per_block: int,
+    mask_value: float,
+):
+  """The Pallas kernel both entry points launch: one program per (row group, KV head)."""
+  o = attend_pages(
+      q_ref[...], q_pos_ref[...], layer_ref[0], k_pages_ref, v_pages_ref, block_table_ref,
+      block_pos_ref, block_len_ref, inv_freq_ref[...], rot_ref[...], sm_scale=sm_scale,
+      pages_per_block=pages_per_block, mask_value=mask_value)
+  o_ref[...] = o.astype(o_ref.dtype)
+
+
+def check_query(q, k_pages, v_pages, what: str) -> None:
+  """Shape checks shared by both kernels: q [n, heads, d] against the pools."""
+  if q.ndim != 3:
+    raise ValueError(f"q must be [{what}, heads, head_dim], got shape {q.shape}")
+  check_pools(k_pages, v_pages)
+  if q.shape[-1] != k_pages.shape[-1]:
+    raise ValueError(f"head_dim of q ({q.shape[-1]}) != head_dim of pages ({k_pages.shape[-1]})")
+  if q.shape[1] % k_pages.shape[-4]:
+    raise ValueError(f"query heads ({q.shape[1]}) not a multiple of kv heads ({k_pages.shape[-4]})")
+
+
 def rope_reference(x, pos, inv_freq):
   """Plain rotate-half RoPE for the references: x [..., d], pos [...] -> [..., d] float32."""
   angle = pos.astype(jnp.float32)[..., None] * inv_freq

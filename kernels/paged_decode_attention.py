@@ -27,38 +27,8 @@ def kv_cache_shape(num_pages: int, page_size: int, kv_heads: int, head_dim: int)
   return (kv_heads, num_pages, page_size, head_dim)
 
 
-def _kernel(
-    q_ref,  # [r, d] the query-head group of one KV head, padded to r rows
-    q_pos_ref,  # [r] int32 (all rows the same position; -1 for an idle slot)
-    layer_ref,  # [1] int32 layer to read
-    k_pages_ref,  # [layers, num_pages, page_size, d] this KV head, every layer
-    v_pages_ref,  # [layers, num_pages, page_size, d]
-    block_table_ref,  # [pages_per_seq]
-    block_pos_ref,  # [pages_per_seq]
-    block_len_ref,  # [pages_per_seq]
-    inv_freq_ref,  # [d]
-    rot_ref,  # [d, d]
-    o_ref,  # [r, d]
-    *,
-    sm_scale: float,
-    pages_per_block: int,
-    mask_value: float,
-):
-  o = _body.attend_pages(
-      q_ref[...], q_pos_ref[...], layer_ref[0], k_pages_ref, v_pages_ref, block_table_ref, block_pos_ref, block_len_ref,
-      inv_freq_ref[...], rot_ref[...], sm_scale=sm_scale,
-      pages_per_block=pages_per_block, mask_value=mask_value)
-  o_ref[...] = o.astype(o_ref.dtype)
-
-
 def _check_args(q, k_pages, v_pages, block_tables, positions):
-  if q.ndim != 3:
-    raise ValueError(f"q must be [batch, heads, head_dim], got shape {q.shape}")
-  _body.check_pools(k_pages, v_pages)
-  if q.shape[-1] != k_pages.shape[-1]:
-    raise ValueError(f"head_dim of q ({q.shape[-1]}) != head_dim of pages ({k_pages.shape[-1]})")
-  if q.shape[1] % k_pages.shape[-4]:
-    raise ValueError(f"query heads ({q.shape[1]}) not a multiple of kv heads ({k_pages.shape[-4]})")
+  _body.check_query(q, k_pages, v_pages, "batch")
   if block_tables.shape[:1] != q.shape[:1] or block_tables.ndim != 2:
     raise ValueError(f"block_tables {block_tables.shape} must be [{q.shape[0]}, pages_per_seq]")
   if positions.shape != q.shape[:1]:
@@ -122,7 +92,8 @@ def paged_decode_attention(
   tables, starts, lens = _body.block_layout(block_tables, block_pos, block_len,
                                             pool_k.shape[3], ppb)
 
-  kernel = functools.partial(_kernel, sm_scale=sm_scale, pages_per_block=ppb, mask_value=mask_value)
+  kernel = functools.partial(_body.attention_kernel, sm_scale=sm_scale, pages_per_block=ppb,
+                             mask_value=mask_value)
   out = pl.pallas_call(
       kernel,
       grid=(batch, kv_heads),

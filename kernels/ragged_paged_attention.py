@@ -27,30 +27,6 @@ from .rope import inv_freq as _inv_freq
 from .rope import rotate_half_matrix
 
 
-def _kernel(
-    q_ref,  # [r, d] rows = block_q tokens x padded query-head group
-    q_pos_ref,  # [r] int32
-    layer_ref,  # [1] int32 layer to read
-    k_pages_ref,  # [layers, num_pages, page_size, d] this KV head, every layer
-    v_pages_ref,  # [layers, num_pages, page_size, d]
-    block_table_ref,  # [pages_per_seq]
-    block_pos_ref,  # [pages_per_seq]
-    block_len_ref,  # [pages_per_seq]
-    inv_freq_ref,  # [d]
-    rot_ref,  # [d, d]
-    o_ref,  # [r, d]
-    *,
-    sm_scale: float,
-    pages_per_block: int,
-    mask_value: float,
-):
-  o = _body.attend_pages(
-      q_ref[...], q_pos_ref[...], layer_ref[0], k_pages_ref, v_pages_ref, block_table_ref, block_pos_ref, block_len_ref,
-      inv_freq_ref[...], rot_ref[...], sm_scale=sm_scale,
-      pages_per_block=pages_per_block, mask_value=mask_value)
-  o_ref[...] = o.astype(o_ref.dtype)
-
-
 def tile_plan(q_seq_ids, q_positions, num_seqs: int, block_q: int):
   """Group flat query tokens into tiles of one sequence each.
 
@@ -85,13 +61,7 @@ def tile_plan(q_seq_ids, q_positions, num_seqs: int, block_q: int):
 
 
 def _check_args(q, k_pages, v_pages, block_tables, q_positions, q_seq_ids):
-  if q.ndim != 3:
-    raise ValueError(f"q must be [tokens, heads, head_dim], got shape {q.shape}")
-  _body.check_pools(k_pages, v_pages)
-  if q.shape[-1] != k_pages.shape[-1]:
-    raise ValueError(f"head_dim of q ({q.shape[-1]}) != head_dim of pages ({k_pages.shape[-1]})")
-  if q.shape[1] % k_pages.shape[-4]:
-    raise ValueError(f"query heads ({q.shape[1]}) not a multiple of kv heads ({k_pages.shape[-4]})")
+  _body.check_query(q, k_pages, v_pages, "tokens")
   if q_positions.shape != q.shape[:1] or q_seq_ids.shape != q.shape[:1]:
     raise ValueError(f"q_positions {q_positions.shape} and q_seq_ids {q_seq_ids.shape} must be "
                      f"[{q.shape[0]}]")
@@ -166,7 +136,8 @@ def ragged_paged_attention(
                                             pool_k.shape[3], ppb)
   tables, starts, lens = tables[tile_seq], starts[tile_seq], lens[tile_seq]
 
-  kernel = functools.partial(_kernel, sm_scale=sm_scale, pages_per_block=ppb, mask_value=mask_value)
+  kernel = functools.partial(_body.attention_kernel, sm_scale=sm_scale, pages_per_block=ppb,
+                             mask_value=mask_value)
   out = pl.pallas_call(
       kernel,
       grid=(n_tiles, kv_heads),
