@@ -19,6 +19,7 @@ agent's block table at that agent's offset.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import jax
@@ -52,6 +53,14 @@ class AgentState:
   finish_reason: str | None = None
   mirror_blocks: set[int] = dataclasses.field(default_factory=set)
   recompute: np.ndarray | None = None  # positions recomputed by reuse methods
+
+  @functools.cached_property
+  def shared_mask(self) -> np.ndarray:
+    """[prompt tokens] bool: True where the token belongs to a shared segment."""
+    mask = np.zeros(self.num_prompt, bool)
+    for p0, _, seg in self.seg_spans:
+      mask[p0:p0 + len(seg)] = seg.shared
+    return mask
 
   def shared_blocks(self) -> set[int]:
     out = set()
@@ -289,7 +298,7 @@ class RoundSession:
       stats["copy_seconds"] += _sync(self.engine.cache, t0)
     t0 = time.perf_counter()
     for a, sel in zip(agents, selected, strict=True):
-      a.recompute = np.flatnonzero(sel | ~self._shared_mask(a))
+      a.recompute = np.flatnonzero(sel | ~a.shared_mask)
     out = self._run([(a.table, a.tokens, a.recompute) for a in agents], want_logits=self.quality)
     stats["recompute_seconds"] += _sync(self.engine.cache, t0)
     return out
@@ -301,18 +310,12 @@ class RoundSession:
         return self.masters.get(seg.key).pages[block - b0]
     raise AssertionError(f"block {block} is not in a shared segment")
 
-  def _shared_mask(self, a: AgentState) -> np.ndarray:
-    mask = np.zeros(len(a.tokens), bool)
-    for p0, _, seg in a.seg_spans:
-      mask[p0:p0 + len(seg)] = seg.shared
-    return mask
-
   def _budget(self, a: AgentState) -> int:
-    return int(round(self.policy.recompute * int(self._shared_mask(a).sum())))
+    return int(round(self.policy.recompute * int(a.shared_mask.sum())))
 
   def _select(self, agents: list[AgentState]) -> list[np.ndarray]:
     """Per agent: bool [prompt tokens] of reused tokens to recompute."""
-    shared = [self._shared_mask(a) for a in agents]
+    shared = [a.shared_mask for a in agents]
     if self.policy.select == "epic":
       return [self._epic(a, m) for a, m in zip(agents, shared, strict=True)]
     dev = self._deviation(agents)  # [t] for the concatenated prompts
@@ -360,7 +363,7 @@ class RoundSession:
       cursor = 0
       for i in group:
         a, n = agents[i], len(agents[i].tokens)
-        shared = self._shared_mask(a)
+        shared = a.shared_mask
         reuse[cursor:cursor + n] = np.where(shared, a.table.slots(0, n), -1)
         cursor += n
       dev, scratch = collector.check_deviation(
@@ -474,7 +477,7 @@ class RoundSession:
       self.engine.finished.pop(s.seq_id)
       a.table = s.table  # a preemption may have re-laid it out
       a.tokens, a.output_ids, a.finish_reason = s.tokens, s.output, s.finish_reason
-    return {a.agent_id: _strip_stop(a, self.cfg) for a in agents}
+    return {a.agent_id: _strip_stop(a) for a in agents}
 
   def _finish(self, agents: list[AgentState], outputs: dict[str, list[int]]) -> None:
     """Complete output K/V, hand outputs to masters / prefix cache, release the round."""
@@ -543,7 +546,7 @@ def next_token_quality(ref_logp, logp) -> dict:
           "max_kl": float(kl.max())}
 
 
-def _strip_stop(a: AgentState, cfg: ModelConfig) -> list[int]:
+def _strip_stop(a: AgentState) -> list[int]:
   out = list(a.output_ids)
   if a.finish_reason == "stop" and out:
     out = out[:-1]
