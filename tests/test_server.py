@@ -49,7 +49,8 @@ def params():
 def _server(params, max_batch=16, **config):
   engine = Engine(params, TINY, cache_cfg=POOL, max_batch=max_batch)
   config.setdefault("session_pages", 160)
-  app = create_app(engine, ByteTokenizer(), model_name=MODEL, **config)
+  config.setdefault("model_name", MODEL)
+  app = create_app(engine, ByteTokenizer(), **config)
   return BackgroundServer(app), app.state.worker
 
 
@@ -328,6 +329,66 @@ def test_sessions_do_not_cross_talk(live):
   finally:
     for sid in ids:
       client.delete(f"/v1/sessions/{sid}")
+
+
+# -- persistence ------------------------------------------------------------------------
+
+
+def _round(client, sid, message):
+  r = client.post(f"/v1/sessions/{sid}/rounds", json={"message": message})
+  assert r.status_code == 200, r.text
+  return r.json()["outputs"]
+
+
+def test_snapshot_restore_continues_with_same_outputs(params, tmp_path):
+  import shutil
+
+  a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+  server, _ = _server(params, state_dir=str(a_dir))
+  with server, httpx.Client(base_url=server.url, timeout=120) as client:
+    sids = {m: client.post("/v1/sessions", json={**SESSION, "method": m}).json()["id"]
+            for m in ("tokendance", "prefix", "full")}
+    for sid in sids.values():
+      _round(client, sid, "Round 0.")
+    snap = client.post("/v1/snapshots")
+    assert snap.status_code == 200, snap.text
+    assert snap.json()["step"] == 1 and snap.json()["sessions"] == sorted(sids.values())
+    shutil.copytree(a_dir, b_dir)  # the state right after round 0
+    want = {m: _round(client, sid, "Round 1.") for m, sid in sids.items()}
+    before = {sid: client.get(f"/v1/sessions/{sid}").json() for sid in sids.values()}
+    assert "tokendance_snapshots_total 1" in client.get("/metrics").text
+  # Restored from the round-0 snapshot: round 1 gives what the original gave.
+  server, worker = _server(params, state_dir=str(b_dir))
+  with server, httpx.Client(base_url=server.url, timeout=120) as client:
+    assert set(worker.sessions) == set(sids.values())
+    got = {m: _round(client, sid, "Round 1.") for m, sid in sids.items()}
+    assert got == want
+  # The graceful shutdown of the first server saved its state after round 1.
+  server, worker = _server(params, state_dir=str(a_dir))
+  with server, httpx.Client(base_url=server.url, timeout=120) as client:
+    for sid, info in before.items():
+      now = client.get(f"/v1/sessions/{sid}").json()
+      assert now["rounds"] == 2
+      assert now["pages_in_use"] == info["pages_in_use"]
+      assert now["agents"] == info["agents"]
+      worker.sessions[sid].rs.allocator.check_invariants()
+    for sid in sids.values():
+      assert client.delete(f"/v1/sessions/{sid}").status_code == 200
+  assert all(s.rs.allocator.num_used == 0 for s in worker.sessions.values())
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_snapshot_errors(live, params, tmp_path):
+  client, _ = live
+  _assert_error(client.post("/v1/snapshots"), 400)  # started without a state dir
+  server, _ = _server(params, state_dir=str(tmp_path))
+  with server, httpx.Client(base_url=server.url, timeout=60) as c:
+    assert c.post("/v1/snapshots").json()["sessions"] == []
+  # A snapshot of another model refuses to load: the server does not start half-restored.
+  server, _ = _server(params, state_dir=str(tmp_path), model_name="other")
+  with pytest.raises(RuntimeError, match="did not start"):
+    with server:
+      pass
 
 
 # -- fuzz -----------------------------------------------------------------------------

@@ -90,6 +90,26 @@ class PageAllocator:
       if self._refcount[p] == 0:
         raise ValueError(f"page {p} is not allocated")
 
+  def state_dict(self) -> dict:
+    """JSON-ready bookkeeping (refcounts of live pages, the free stack) for snapshots."""
+    live = np.nonzero(self._refcount)[0]
+    return {"num_pages": self.num_pages, "live": live.tolist(),
+            "refcounts": self._refcount[live].tolist(), "free": list(self._free)}
+
+  def load_state_dict(self, state: dict) -> None:
+    """Restore `state_dict()` output; the page count must match and the state be consistent."""
+    if state["num_pages"] != self.num_pages:
+      raise ValueError(f"snapshot has {state['num_pages']} pages, this pool {self.num_pages}")
+    refcount = np.zeros(self.num_pages, np.int32)
+    refcount[np.asarray(state["live"], np.int64)] = state["refcounts"]
+    old = (self._refcount, self._free)
+    self._refcount, self._free = refcount, [int(p) for p in state["free"]]
+    try:
+      self.check_invariants()
+    except AssertionError as e:
+      self._refcount, self._free = old
+      raise ValueError(f"inconsistent allocator snapshot: {e}") from None
+
   def check_invariants(self) -> None:
     """Free list and refcounts agree (used by tests and after preemption)."""
     free = set(self._free)

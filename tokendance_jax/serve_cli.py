@@ -23,6 +23,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                  help="requests waiting beyond the running batch; past it: 429")
   p.add_argument("--session-pages", type=int, default=512, help="KV pages of each session's pool")
   p.add_argument("--max-sessions", type=int, default=8)
+  p.add_argument("--state-dir", default=None,
+                 help="snapshot sessions here (orbax) on shutdown and POST /v1/snapshots; "
+                      "the newest snapshot is restored on start")
   p.add_argument("--log-level", default="info",
                  choices=["critical", "error", "warning", "info", "debug"])
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -41,7 +44,7 @@ def server_kwargs(args) -> dict:
             num_pages=args.num_pages, page_size=args.page_size, max_batch=args.max_batch,
             force_kernel=args.force_kernel, log_level=args.log_level, api_key=args.api_key,
             max_queue=args.max_queue, session_pages=args.session_pages,
-            max_sessions=args.max_sessions)
+            max_sessions=args.max_sessions, state_dir=args.state_dir)
   if args.model_name:
     kw["model_name"] = args.model_name
   return kw
@@ -51,7 +54,8 @@ def cmd_serve(args) -> int:
   from tokendance_jax.server import ServerConfig, serve
 
   kw = server_kwargs(args)
-  config_keys = ("api_key", "max_queue", "session_pages", "max_sessions", "model_name")
+  config_keys = ("api_key", "max_queue", "session_pages", "max_sessions", "model_name",
+                 "state_dir")
   ServerConfig(**{k: kw[k] for k in config_keys if k in kw})  # bad values fail before loading
   if not 0 < args.port < 65536:
     raise ValueError(f"--port {args.port} must be in 1..65535")

@@ -8,6 +8,8 @@ Endpoints:
 - `POST /v1/sessions`, `POST /v1/sessions/{id}/rounds`, `GET /v1/sessions/{id}`,
   `DELETE /v1/sessions/{id}`: multi-agent rounds on a `RoundSession` (each
   agent's output becomes a shared segment of the other agents' next prompts).
+- `POST /v1/snapshots`: save every session with orbax under `state_dir`
+  (also done on graceful shutdown; the newest snapshot is restored on start).
 - `GET /health`, `GET /metrics` (Prometheus text format).
 
 JAX is not thread-safe, so one `Worker` task owns the engine and every
@@ -65,11 +67,15 @@ class ServerConfig:
   default_max_tokens: int = 256  # chat requests without max_tokens
   max_body_bytes: int = 1 << 20
   retry_after_s: int = 1
+  state_dir: str | None = None  # session snapshots (orbax): restored on start, saved on shutdown
+  snapshot_keep: int = 2
 
   def __post_init__(self):
     if self.max_queue < 0 or self.session_pages < 2 or self.max_sessions < 0:
       raise ValueError(f"max_queue={self.max_queue} must be >= 0, session_pages="
                        f"{self.session_pages} >= 2, max_sessions={self.max_sessions} >= 0")
+    if self.snapshot_keep < 1:
+      raise ValueError(f"snapshot_keep={self.snapshot_keep} must be >= 1")
 
 
 class ApiError(Exception):
@@ -206,6 +212,8 @@ class Metrics:
     self.generated_tokens = 0
     self.round_seconds_sum = 0.0
     self.rounds = 0
+    self.snapshots = 0
+    self.last_snapshot_seconds = 0.0
     self._recent: collections.deque[tuple[float, int]] = collections.deque()
 
   def add_tokens(self, n: int) -> None:
@@ -240,6 +248,11 @@ class Worker:
     self._task: asyncio.Task | None = None
     self._wake: asyncio.Event | None = None
     self.last_error: str | None = None
+    self.store = None
+    if config.state_dir is not None:
+      from tokendance_jax.persist import SnapshotStore
+
+      self.store = SnapshotStore(config.state_dir, keep=config.snapshot_keep)
 
   # -- lifecycle --
 
@@ -447,6 +460,53 @@ class Worker:
 
   # -- status --
 
+  # -- snapshots (call on the worker thread: `await worker.call(worker.snapshot)`) --
+
+  def session_cache_cfg(self, num_pages: int | None = None) -> CacheConfig:
+    c = self.engine.cache_cfg
+    return CacheConfig(num_pages=num_pages or self.config.session_pages, page_size=c.page_size,
+                       dtype=c.dtype)
+
+  def snapshot(self) -> dict:
+    """Save every session (masters, mirrors' pages, tables, histories) as the next step."""
+    from tokendance_jax import persist
+
+    if self.store is None:
+      raise ApiError(400, "snapshots are off: start the server with --state-dir",
+                     code="no_state_dir")
+    t0 = time.perf_counter()
+    arrays, sessions = {}, {}
+    for sid, sess in list(self.sessions.items()):
+      arrays[sid], state = persist.capture(sess.rs)
+      sessions[sid] = {"session": sess.to_meta(), "state": state}
+    meta = {"model": self.config.model_name, "created": time.time(), "sessions": sessions}
+    step = self.store.save(arrays, meta)
+    seconds = time.perf_counter() - t0
+    self.metrics.snapshots += 1
+    self.metrics.last_snapshot_seconds = seconds
+    log.info("snapshot %d: %d sessions in %.2f s", step, len(sessions), seconds)
+    return {"object": "snapshot", "step": step, "sessions": sorted(sessions),
+            "path": str(self.store.directory), "seconds": seconds}
+
+  def restore(self) -> int:
+    """Load the newest snapshot's sessions (at start, before serving); returns how many."""
+    from tokendance_jax import persist
+
+    loaded = self.store.load() if self.store is not None else None
+    if loaded is None:
+      return 0
+    step, arrays, meta = loaded
+    if meta["model"] != self.config.model_name:
+      raise ValueError(f"snapshot {step} in {self.store.directory} was taken with model "
+                       f"{meta['model']!r}, this server serves {self.config.model_name!r}")
+    for sid, entry in meta["sessions"].items():
+      cache_cfg = self.session_cache_cfg(entry["state"]["pool"]["num_pages"])
+      sess = RoundsSession.from_meta(entry["session"], self.engine, self.tok, cache_cfg)
+      persist.restore(sess.rs, arrays.get(sid), entry["state"])
+      self.sessions[sid] = sess
+    log.info("restored %d sessions from snapshot %d", len(meta["sessions"]), step)
+    return len(meta["sessions"])
+
   def session_pages_used(self) -> int:
     return sum(s.rs.allocator.num_used for s in self.sessions.values())
 
@@ -482,7 +542,7 @@ class RoundsSession:
     policy = ReusePolicy(select=body.select, recompute=body.recompute,
                          check_layer=body.check_layer)
     sampling = SamplingParams(max_tokens=1, temperature=body.temperature, seed=body.seed)
-    self.id, self.tok, self.cfg = session_id, tok, cfg
+    self.id, self.tok, self.cfg, self.body = session_id, tok, cfg, body
     self.method, self.policy = body.method, policy
     self.personas = dict(body.agents)
     self.max_tokens = body.max_tokens
@@ -553,6 +613,19 @@ class RoundsSession:
     self.rs.close()
     self.last_outputs = {}
 
+  def to_meta(self) -> dict:
+    """JSON-ready history (the KV state is `persist.capture(self.rs)`)."""
+    return {"id": self.id, "body": self.body.model_dump(), "last_outputs": self.last_outputs,
+            "rounds": self.rounds, "created": self.created, "last_stats": self.last_stats}
+
+  @classmethod
+  def from_meta(cls, meta: dict, engine, tok, cache_cfg) -> RoundsSession:
+    body = SessionRequest.model_validate(meta["body"])
+    sess = cls(meta["id"], body, engine.params, engine.cfg, tok, cache_cfg, engine.attn)
+    sess.last_outputs = {a: list(ids) for a, ids in meta["last_outputs"].items()}
+    sess.rounds, sess.created, sess.last_stats = meta["rounds"], meta["created"], meta["last_stats"]
+    return sess
+
 
 # -- the app -------------------------------------------------------------------------
 
@@ -571,7 +644,14 @@ def create_app(engine, tokenizer, *, config: ServerConfig | None = None, **overr
   @contextlib.asynccontextmanager
   async def lifespan(app):
     worker.ensure_started()
+    if worker.store is not None:
+      await worker.call(worker.restore, bounded=False)  # a bad snapshot stops the start
     yield
+    if worker.store is not None:
+      try:
+        await worker.call(worker.snapshot, bounded=False)
+      except Exception:  # noqa: BLE001 - still close; the previous snapshot stays loadable
+        log.exception("snapshot on shutdown failed")
     await worker.close()
 
   app = FastAPI(title="tokendance_jax", lifespan=lifespan)
@@ -836,9 +916,7 @@ def _add_session_routes(router: APIRouter, worker: Worker) -> None:
                      "delete one first", type="rate_limit_exceeded", code="too_many_sessions",
                      headers={"Retry-After": str(cfg.retry_after_s)})
     sid = "sess-" + uuid.uuid4().hex[:16]
-    engine = worker.engine
-    cache_cfg = CacheConfig(num_pages=cfg.session_pages, page_size=engine.cache_cfg.page_size,
-                            dtype=engine.cache_cfg.dtype)
+    engine, cache_cfg = worker.engine, worker.session_cache_cfg()
 
     def make():
       return RoundsSession(sid, body, engine.params, engine.cfg, worker.tok, cache_cfg,
@@ -876,6 +954,10 @@ def _add_session_routes(router: APIRouter, worker: Worker) -> None:
     worker.metrics.round_seconds_sum += time.perf_counter() - t0
     worker.metrics.add_tokens(sum(out["output_tokens"].values()))
     return out
+
+  @router.post("/v1/snapshots")
+  async def snapshot():
+    return await worker.call(worker.snapshot, bounded=False)
 
   @router.delete("/v1/sessions/{sid}")
   async def delete_session(sid: str):
@@ -962,6 +1044,9 @@ def _prometheus(worker: Worker) -> str:
       ("tokendance_round_seconds_sum", "counter", "session round latency, total",
        round(m.round_seconds_sum, 6)),
       ("tokendance_round_seconds_count", "counter", "session rounds run", m.rounds),
+      ("tokendance_snapshots_total", "counter", "session snapshots saved", m.snapshots),
+      ("tokendance_snapshot_seconds", "gauge", "duration of the last snapshot",
+       round(m.last_snapshot_seconds, 6)),
   ]
   lines = []
   for name, kind, help_text, value in rows:
