@@ -23,7 +23,7 @@ import itertools
 import jax
 import numpy as np
 
-from tokendance_jax import model, sampling
+from tokendance_jax import model, sampling, sharding
 from tokendance_jax.config import AttentionConfig, CacheConfig, ModelConfig
 from tokendance_jax.paging import BlockTable, OutOfPages, PageAllocator, pages_needed
 from tokendance_jax.sampling import SamplingParams
@@ -76,6 +76,14 @@ def _model_step_logits(params, cache, batch, samp, *, cfg, attn):
   return sampling.sample(logits, samp), jax.nn.log_softmax(logits, axis=-1), cache
 
 
+_JIT_KW = {
+    "_model_step": dict(static_argnames=("cfg", "attn", "decode"), donate_argnames=("cache",)),
+    "_model_step_logits": dict(static_argnames=("cfg", "attn"), donate_argnames=("cache",)),
+    "check_deviation": dict(static_argnames=("cfg", "attn", "check_layer"),
+                            donate_argnames=("scratch",)),
+}
+
+
 class Engine:
   """Paged, continuously batched generation for one model.
 
@@ -87,18 +95,26 @@ class Engine:
       reference on CPU (`AttentionConfig.default_for_backend`).
     max_batch: most sequences running at once.
     max_prefill_tokens: tokens per prefill step (longer prompts are chunked).
+    mesh: None (one device), or a `jax.sharding.Mesh`, "data=2,model=3" spec or
+      `sharding.MeshPlan`: params, pool and batches are then placed per its rules.
   """
 
   def __init__(self, params, cfg: ModelConfig, *, cache_cfg: CacheConfig = CacheConfig(),
                attn: AttentionConfig | None = None, max_batch: int = 32,
-               max_prefill_tokens: int = 512):
+               max_prefill_tokens: int = 512, mesh=None):
     if max_batch < 1 or max_prefill_tokens < 16:
       raise ValueError(f"max_batch={max_batch} must be >= 1 and "
                        f"max_prefill_tokens={max_prefill_tokens} >= 16")
-    self.params, self.cfg, self.cache_cfg = params, cfg, cache_cfg
+    self.cfg, self.cache_cfg = cfg, cache_cfg
     self.attn = attn or AttentionConfig.default_for_backend()
     self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
-    self.cache = model.KVCache.create(cfg, cache_cfg)
+    self.mesh_plan = sharding.as_plan(mesh)
+    if self.mesh_plan is None:
+      self.params = params
+      self.cache = model.KVCache.create(cfg, cache_cfg)
+    else:
+      self.params = self.mesh_plan.shard_params(params, cfg)
+      self.cache = self.mesh_plan.create_cache(cfg, cache_cfg)
     self.allocator = PageAllocator(cache_cfg.num_pages)
     self.waiting: collections.deque[Sequence] = collections.deque()
     self.running: list[Sequence] = []
@@ -231,13 +247,33 @@ class Engine:
     samp = sampling.SamplingArrays.from_params(
         [s.params if r in sampled_rows else None for r, (s, _) in enumerate(chunks)],
         [len(s.output) for s, _ in chunks], rows)
-    tokens, self.cache = _model_step(self.params, self.cache, batch, samp,
-                                     cfg=self.cfg, attn=self.attn, decode=decode)
+    batch, samp = self.place(batch, samp)
+    tokens, self.cache = self.jitted(_model_step, 1)(self.params, self.cache, batch, samp,
+                                                     cfg=self.cfg, attn=self.attn, decode=decode)
     tokens = np.asarray(tokens)  # the step's one device-to-host copy
     for r, (seq, n) in enumerate(chunks):
       seq.num_computed += n
       if r in sampled_rows:
         self._append(seq, int(tokens[r]))
+
+  def place(self, batch, *replicated):
+    """Batch and extra host inputs, placed on the mesh (unchanged without one)."""
+    if self.mesh_plan is None:
+      return (batch, *replicated)
+    return (self.mesh_plan.shard_batch(batch), *self.mesh_plan.replicate(replicated))
+
+  def jitted(self, step, n_out: int, cache_sharding=None):
+    """`step` (a jitted fn returning n_out outputs, then a cache) as run on this engine.
+
+    Without a mesh it is `step` itself; with one, the same function compiled
+    once per mesh with replicated outputs and the cache pinned in its sharding.
+    """
+    plan = self.mesh_plan
+    if plan is None:
+      return step
+    cache_sharding = cache_sharding or plan.cache_sharding(self.cfg, self.cache_cfg)
+    out = (plan.replicated,) * n_out + (cache_sharding,)
+    return sharding.jit_step(step.__wrapped__, plan, out, **_JIT_KW[step.__name__])
 
   def _build_batch(self, chunks, decode: bool):
     """Pad the chunks into a bucketed `model.Batch`; returns it and the rows that sample."""

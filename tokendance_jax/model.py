@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from tokendance_jax import kernels
+from tokendance_jax import kernels, sharding
 from tokendance_jax.config import AttentionConfig, CacheConfig, ModelConfig
 
 
@@ -132,13 +132,18 @@ def _attention(q, cache_k, cache_v, layer, batch: Batch, cfg: ModelConfig,
                 block_pos=batch.block_pos, block_len=batch.block_len)
   if attn.impl == "pallas":
     common["interpret"] = attn.interpret
+  args = (q, cache_k, cache_v, batch.block_tables, batch.positions)
   if decode:  # one token per sequence, token i belongs to row i
     fn = (kernels.paged_decode_attention if attn.impl == "pallas"
           else kernels.paged_decode_attention_reference)
-    return fn(q, cache_k, cache_v, batch.block_tables, batch.positions, **common)
-  fn = (kernels.ragged_paged_attention if attn.impl == "pallas"
-        else kernels.ragged_paged_attention_reference)
-  return fn(q, cache_k, cache_v, batch.block_tables, batch.positions, batch.seq_ids, **common)
+  else:
+    fn = (kernels.ragged_paged_attention if attn.impl == "pallas"
+          else kernels.ragged_paged_attention_reference)
+    args += (batch.seq_ids,)
+  plan = sharding.active_plan()  # set while a step runs on a mesh
+  if plan is not None:
+    return sharding.shard_attention(plan, fn, args, common, decode=decode)
+  return fn(*args, **common)
 
 
 def _layer(x, lp, cache_k, cache_v, layer, batch, cfg, attn, decode):
