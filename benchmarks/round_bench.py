@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from tokendance_jax import api
+from tokendance_jax.bench import summary
 from tokendance_jax.config import CacheConfig
 from tokendance_jax.roundrun import RoundRunConfig, run_rounds
 
@@ -30,23 +31,8 @@ METHODS = ("full", "prefix", "cacheblend", "epic", "tokendance")
 
 
 def _summary(res: dict) -> dict:
-  """Averages over rounds >= 1 (round 0 has no agent outputs to share)."""
-  rows = [r for r in res["rounds"] if r["round"] >= 1] or res["rounds"]
-  mean = lambda key: float(np.mean([r[key] for r in rows]))  # noqa: E731
-  stat = lambda key: float(np.mean([r["stats"][key] for r in rows]))  # noqa: E731
-  out = dict(method=res["method"], agents=res["agents"], select=res["config"]["select"],
-             recompute=res["config"]["recompute"], prefill_seconds=mean("prefill_seconds"),
-             round_seconds=mean("round_seconds"), kv_bytes_per_agent=mean("kv_bytes_per_agent"),
-             shared_kv_bytes_per_agent=mean("shared_kv_bytes_per_agent"),
-             pages_in_use=mean("pages_in_use"), computed_fraction=stat("computed_fraction"),
-             private_share=mean("private_share"), check_seconds=stat("check_seconds"),
-             copy_seconds=stat("copy_seconds"), recompute_seconds=stat("recompute_seconds"),
-             pages_copied=stat("pages_copied"), leaked_pages=res["leaked_pages"])
-  q = [r["quality"] for r in rows if "quality" in r and "mean_kl" in r["quality"]]
-  if q:
-    out["top1_agreement"] = float(np.mean([x["top1_agreement"] for x in q]))
-    out["mean_kl"] = float(np.mean([x["mean_kl"] for x in q]))
-  return out
+  """bench.summary over a run_rounds result (averages over rounds >= 1)."""
+  return summary(dict(res, select=res["config"]["select"], recompute=res["config"]["recompute"]))
 
 
 def run(args) -> dict:

@@ -331,6 +331,51 @@ def test_sessions_do_not_cross_talk(live):
       client.delete(f"/v1/sessions/{sid}")
 
 
+# -- marked chat: shared segments reused across requests --------------------------------
+
+
+DOC = "The harbour town has three bakeries, a lighthouse and a ferry that leaves at noon. " * 2
+
+
+def _marked_chat(client, question, marked=True, **body):
+  content = f"<|td:shared|>{DOC}<|td:private|>{question}" if marked else DOC + question
+  return client.post("/v1/chat/completions", json={
+      "model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 6,
+      "temperature": 0, **body})
+
+
+def test_marked_chat_at_recompute_one_equals_plain_chat(params):
+  server, worker = _server(params, chat_recompute=1.0)
+  with server, httpx.Client(base_url=server.url, timeout=120) as client:
+    for q in ("When does the ferry leave?", "How many bakeries?"):
+      r = _marked_chat(client, q)
+      assert r.status_code == 200, r.text
+      plain = _marked_chat(client, q, marked=False).json()["choices"][0]["message"]["content"]
+      assert r.json()["choices"][0]["message"]["content"] == plain
+      assert r.json()["usage"] == _marked_chat(client, q, marked=False).json()["usage"]
+  assert worker.chat_pages_used == 0  # closed with the server
+
+
+def test_marked_chat_reuses_the_shared_document(live):
+  client, worker = live
+  first = _marked_chat(client, "When does the ferry leave?").json()
+  second = _marked_chat(client, "How many bakeries are there?").json()
+  n_doc = len(DOC.encode())
+  assert first["tokendance"]["shared_tokens_prefilled"] == n_doc  # the document was new
+  # The second request reuses the document's master: it recomputes ~15% of it plus its own text.
+  assert second["tokendance"]["shared_tokens_prefilled"] == 0
+  assert second["tokendance"]["computed_tokens"] < second["usage"]["prompt_tokens"] - n_doc // 2
+  text = second["choices"][0]["message"]["content"]
+  stream = _marked_chat(client, "How many bakeries are there?", stream=True)
+  assert "".join(p["choices"][0]["delta"].get("content", "")
+                 for p in _sse_payloads(stream.text) if p["choices"]) == text
+  assert worker.engine.allocator.num_used == 0
+  r = client.post("/v1/chat/completions", json={
+      "model": MODEL, "messages": [{"role": "user", "content": "<|td:shared|>x"}],
+      "max_tokens": 100000})
+  _assert_error(r, 400)
+
+
 # -- persistence ------------------------------------------------------------------------
 
 

@@ -65,12 +65,14 @@ def full_run(params):
   return run(params, "full", quality=False)[1]
 
 
-@pytest.mark.parametrize("method,select", [("prefix", "cacheblend"), ("cacheblend", "cacheblend"),
-                                           ("epic", "epic"), ("tokendance", "cacheblend"),
-                                           ("tokendance", "block"), ("tokendance", "epic")])
-def test_recompute_one_equals_full(params, full_run, method, select):
+@pytest.mark.parametrize("method,select,extra", [
+    ("prefix", "cacheblend", {}), ("cacheblend", "cacheblend", {}), ("epic", "epic", {}),
+    ("tokendance", "cacheblend", {}), ("tokendance", "block", {}), ("tokendance", "epic", {}),
+    ("tokendance", "block", {"anchor": True, "output_masters": "prefill"}),
+    ("cacheblend", "cacheblend", {"anchor": True, "output_masters": "prefill"})])
+def test_recompute_one_equals_full(params, full_run, method, select, extra):
   """Recompute fraction 1.0 (epic: k >= any block) must reproduce full recompute."""
-  policy = ReusePolicy(select=select, recompute=1.0, epic_k=10_000)
+  policy = ReusePolicy(select=select, recompute=1.0, epic_k=10_000, **extra)
   sess, results = run(params, method, policy)
   for res, ref in zip(results, full_run, strict=True):
     assert res.outputs == ref.outputs
@@ -208,3 +210,57 @@ def test_pool_too_small_raises_and_frees(params):
 def test_methods_listed():
   assert set(METHODS) == {"full", "prefix", "cacheblend", "epic", "tokendance"}
   assert pages_needed(17, 8) == 3
+
+
+def test_anchored_masters_are_exact_after_the_common_prefix(params):
+  """A standalone master prefilled after the common system prompt is exactly the KV an agent
+  computes for it right after that prompt; prefilled alone from position 0 it is not."""
+  rng = np.random.default_rng(7)
+  system = Segment(tuple(rng.integers(3, CFG.vocab_size, 21)), True, "system")
+  news = Segment(tuple(rng.integers(3, CFG.vocab_size, 19)), True, "news")
+  tails = [Segment(tuple(rng.integers(3, CFG.vocab_size, 4 + i)), False, "tail") for i in range(3)]
+  rnd = Round([AgentPrompt(f"a{i}", [system, news, t], max_tokens=5)
+               for i, t in enumerate(tails)])
+  full = RoundSession(params, CFG, method="full", cache_cfg=POOL, quality=False).run_round(rnd)
+  kl = {}
+  for anchor in (False, True):
+    policy = ReusePolicy(select="cacheblend", recompute=0.0, anchor=anchor)
+    sess = RoundSession(params, CFG, method="tokendance", policy=policy, cache_cfg=POOL)
+    res = sess.run_round(rnd)
+    kl[anchor] = res.quality["max_kl"]
+    if anchor:
+      assert res.outputs == full.outputs
+      assert res.stats["computed_fraction"] < 0.3  # only the private tails were computed
+    sess.close()
+    assert sess.allocator.num_used == 0
+  assert kl[True] < 1e-6 < kl[False]
+
+
+def test_keep_masters_evicts_least_recently_used_only_under_pressure(params):
+  """keep_masters: masters outlive the rounds that use them and are evicted oldest first
+  only when the pool runs short; a round's own masters are never evicted mid-round."""
+  rng = np.random.default_rng(11)
+  pool = CacheConfig(num_pages=28, page_size=8)
+  policy = ReusePolicy(select="block", recompute=0.2)
+  sess = RoundSession(params, CFG, method="tokendance", policy=policy, cache_cfg=pool,
+                      quality=False, keep_masters=True)
+  docs = [Segment(tuple(rng.integers(3, CFG.vocab_size, 30)), True, f"doc{i}") for i in range(6)]
+
+  def ask(doc):
+    res = sess.run_round(Round([AgentPrompt("a", [Segment((5, 6, 7), False), doc,
+                                                  Segment((8, 9), False)], max_tokens=3)]))
+    sess.allocator.check_invariants()
+    return res
+
+  ask(docs[0])
+  ask(docs[1])
+  assert {docs[0].key, docs[1].key} <= set(sess.masters.masters)  # kept, no pressure yet
+  for d in docs[2:]:
+    ask(d)
+  assert docs[0].key not in sess.masters  # the oldest went first
+  assert docs[-1].key in sess.masters
+  before = sess.masters.num_pages
+  res = ask(docs[-1])  # reused: nothing new to prefill
+  assert res.stats["master_prefill_seconds"] == 0.0 and sess.masters.num_pages >= before
+  sess.close()
+  assert sess.allocator.num_used == 0

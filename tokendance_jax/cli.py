@@ -64,7 +64,8 @@ def _round_config(args, method: str):
 
   return RoundRunConfig(method=method, preset=args.preset, agents=args.agents, rounds=args.rounds,
                         select=args.select, recompute=args.recompute,
-                        check_layer=args.check_layer, epic_k=args.epic_k, seed=args.seed,
+                        check_layer=args.check_layer, epic_k=args.epic_k, anchor=args.anchor,
+                        output_masters=args.output_masters, seed=args.seed,
                         order=args.order, max_tokens=args.max_tokens,
                         quality=not args.no_quality)
 
@@ -83,11 +84,13 @@ def cmd_round(args) -> int:
   import json
   import pathlib
 
+  from tokendance_jax import sharding
   from tokendance_jax.roundrun import run_rounds
 
+  mesh = sharding.make_mesh(args.mesh) if args.mesh else None  # bad specs fail before loading
   params, cfg, tok, cache_cfg, attn = _model_and_pool(args)
   result = run_rounds(params, cfg, tok, _round_config(args, args.method), cache_cfg=cache_cfg,
-                      attn=attn, progress=True)
+                      attn=attn, progress=True, mesh=mesh)
   for row in result["rounds"]:
     q = row.get("quality", {})
     print(f"round {row['round']}: prefill {row['prefill_seconds']:.2f} s, round "
@@ -142,6 +145,10 @@ def _add_round_args(p: argparse.ArgumentParser, agents: int, rounds: int) -> Non
   p.add_argument("--recompute", type=float, default=0.15, help="fraction of shared tokens")
   p.add_argument("--check-layer", type=int, default=1)
   p.add_argument("--epic-k", type=int, default=16)
+  p.add_argument("--anchor", action="store_true",
+                 help="prefill standalone masters after the common system prompt, not alone")
+  p.add_argument("--output-masters", default="decode", choices=["decode", "prefill"],
+                 help="masters of agents' outputs: their decode K/V, or a prefill next round")
   p.add_argument("--order", default=None,
                  choices=["canonical", "rotate_to_self", "random_per_agent"])
   p.add_argument("--max-tokens", type=int, default=None, help="override output lengths")
@@ -164,13 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
   r.add_argument("--method", default="tokendance",
                  choices=["full", "prefix", "cacheblend", "epic", "tokendance"])
   r.add_argument("--json", default=None, help="write the per-round results here")
+  r.add_argument("--mesh", default=None,
+                 help='shard over devices, e.g. "data=2" or "data=2,model=3"')
   _add_round_args(r, agents=6, rounds=3)
   _add_model_args(r)
   r.set_defaults(func=cmd_round)
 
-  from tokendance_jax import serve_cli
+  from tokendance_jax import bench, serve_cli
 
   serve_cli.add_parser(sub)
+  bench.add_parser(sub)
 
   d = sub.add_parser("demo", help="multi-agent debate on the real model, tokendance vs prefix")
   _add_round_args(d, agents=4, rounds=3)

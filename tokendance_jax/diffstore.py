@@ -38,6 +38,7 @@ class MasterRegistry:
     return key in self.masters
 
   def get(self, key: str) -> Master:
+    self.masters[key] = self.masters.pop(key)  # most recently used last
     return self.masters[key]
 
   def add(self, key: str, tokens, pages: list[int], source: str) -> None:
@@ -56,6 +57,19 @@ class MasterRegistry:
 
   def clear(self) -> None:
     self.retain_only(())
+
+  def evict(self, needed: int) -> int:
+    """Free masters no table reads any more, least recently used first, until `needed`
+    pages are free; returns the pages freed (an allocator `reclaim` hook)."""
+    freed = 0
+    for key in list(self.masters):
+      if freed >= needed:
+        break
+      pages = self.masters[key].pages
+      if all(self.allocator.refcount(p) == 1 for p in pages):
+        del self.masters[key]
+        freed += len(self.allocator.free(pages))
+    return freed
 
   @property
   def num_pages(self) -> int:

@@ -64,6 +64,8 @@ class RoundRunConfig:
   recompute: float = 0.15
   check_layer: int = 1
   epic_k: int = 16
+  anchor: bool = False
+  output_masters: str = "decode"
   seed: int = 0
   order: str | None = None
   max_tokens: int | None = None  # override the workload's output caps
@@ -71,8 +73,11 @@ class RoundRunConfig:
 
 
 def run_rounds(params, cfg, tokenizer, rc: RoundRunConfig, *, cache_cfg, attn=None,
-               progress: bool = False, on_round=None) -> dict:
-  """Run rc.rounds rounds of rc.preset with rc.method; returns the JSON-ready result."""
+               progress: bool = False, on_round=None, mesh=None) -> dict:
+  """Run rc.rounds rounds of rc.preset with rc.method; returns the JSON-ready result.
+
+  mesh: None (one device) or a mesh / "data=2,model=3" spec (see `sharding`).
+  """
   overrides = dict(n_agents=rc.agents, rounds=rc.rounds, seed=rc.seed)
   if rc.order:
     overrides["order"] = rc.order
@@ -82,9 +87,10 @@ def run_rounds(params, cfg, tokenizer, rc: RoundRunConfig, *, cache_cfg, attn=No
   wl = workloads.Workload(workloads.preset(rc.preset, **overrides))
   builder = PromptBuilder(wl, tokenizer)
   policy = ReusePolicy(select=rc.select, recompute=rc.recompute, check_layer=rc.check_layer,
-                       epic_k=rc.epic_k)
+                       epic_k=rc.epic_k, anchor=rc.anchor,
+                       output_masters=rc.output_masters)
   sess = RoundSession(params, cfg, method=rc.method, policy=policy, cache_cfg=cache_cfg,
-                      attn=attn, quality=rc.quality)
+                      attn=attn, quality=rc.quality, mesh=mesh)
   outputs: list[dict[int, list[int]]] = []
   rounds = []
   bar = _progress(rc.rounds, progress, rc.method)

@@ -163,12 +163,25 @@ class ReusePolicy:
   deviation at `check_layer`), "block" (whole pages ranked by summed
   deviation), "epic" (the first `epic_k` tokens of each reused block).
   Private tokens are always recomputed.
+
+  anchor: prefill each standalone master (a shared segment no agent wrote:
+  headers, world state) as a continuation of the segment every prompt of the
+  round starts with (the system prompt), instead of alone from position 0,
+  where its first token would be computed as an attention sink.
+
+  output_masters: where the master of an agent's output comes from. "decode"
+  (free): the K/V the agent wrote while generating it, computed in the
+  author's own context. "prefill": a standalone prefill next round (after the
+  anchor when `anchor`), so readers reuse K/V computed in a reader-like
+  context; it costs one prefill of every output per round.
   """
 
   select: str = "cacheblend"
   recompute: float = 0.15
   check_layer: int = 1
   epic_k: int = 16
+  anchor: bool = False
+  output_masters: str = "decode"
 
   def __post_init__(self):
     if self.select not in ("cacheblend", "block", "epic"):
@@ -177,5 +190,7 @@ class ReusePolicy:
       raise ValueError(f"recompute={self.recompute!r}; must be in [0, 1]")
     if self.check_layer < 0:
       raise ValueError(f"check_layer={self.check_layer!r}; must be >= 0")
+    if self.output_masters not in ("decode", "prefill"):
+      raise ValueError(f"output_masters={self.output_masters!r}; expected decode or prefill")
     if self.epic_k < 0:
       raise ValueError(f"epic_k={self.epic_k!r}; must be >= 0")

@@ -42,7 +42,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tokendance_jax.config import CacheConfig
 from tokendance_jax.paging import OutOfPages, pages_needed
 from tokendance_jax.roundrun import SYSTEM_CLOSE, SYSTEM_OPEN, TURN_CLOSE
-from tokendance_jax.rounds import PRIVATE_MARK, SHARED_MARK, AgentPrompt, ReusePolicy, Round, Segment
+from tokendance_jax.rounds import (PRIVATE_MARK, SHARED_MARK, AgentPrompt, ReusePolicy, Round,
+                                   Segment, parse_text)
 from tokendance_jax.sampling import SamplingParams
 
 log = logging.getLogger("tokendance_jax.server")
@@ -69,6 +70,11 @@ class ServerConfig:
   retry_after_s: int = 1
   state_dir: str | None = None  # session snapshots (orbax): restored on start, saved on shutdown
   snapshot_keep: int = 2
+  # Chat requests whose messages mark segments with <|td:shared|> / <|td:private|> run on one
+  # long-lived tokendance session: a shared segment seen before is reused, not prefilled.
+  chat_reuse_pages: int = 256
+  chat_select: str = "block"
+  chat_recompute: float = 0.15
 
   def __post_init__(self):
     if self.max_queue < 0 or self.session_pages < 2 or self.max_sessions < 0:
@@ -76,6 +82,9 @@ class ServerConfig:
                        f"{self.session_pages} >= 2, max_sessions={self.max_sessions} >= 0")
     if self.snapshot_keep < 1:
       raise ValueError(f"snapshot_keep={self.snapshot_keep} must be >= 1")
+    if self.chat_reuse_pages < 2:
+      raise ValueError(f"chat_reuse_pages={self.chat_reuse_pages} must be >= 2")
+    ReusePolicy(select=self.chat_select, recompute=self.chat_recompute)  # checks both
 
 
 class ApiError(Exception):
@@ -248,6 +257,7 @@ class Worker:
     self._task: asyncio.Task | None = None
     self._wake: asyncio.Event | None = None
     self.last_error: str | None = None
+    self._chat_rs = None  # the marked-chat reuse session, made on first use
     self.store = None
     if config.state_dir is not None:
       from tokendance_jax.persist import SnapshotStore
@@ -285,6 +295,8 @@ class Worker:
     for s in list(self.sessions.values()):
       await loop.run_in_executor(self._executor, s.close)
     self.sessions.clear()
+    if self._chat_rs is not None:
+      await loop.run_in_executor(self._executor, self._chat_rs.close)
     self._executor.shutdown(wait=True)
 
   # -- admission --
@@ -507,6 +519,35 @@ class Worker:
     log.info("restored %d sessions from snapshot %d", len(meta["sessions"]), step)
     return len(meta["sessions"])
 
+  def chat_round(self, segments: list[Segment], params: SamplingParams):
+    """One marked chat request as a one-agent tokendance round (worker thread only).
+
+    Returns (output ids, stats). Masters outlive the request and are evicted
+    least recently used when the reuse pool runs short.
+    """
+    from tokendance_jax.session import RoundSession
+
+    if self._chat_rs is None:
+      c, e = self.config, self.engine
+      policy = ReusePolicy(select=c.chat_select, recompute=c.chat_recompute, anchor=True)
+      self._chat_rs = RoundSession(e.params, e.cfg, method="tokendance", policy=policy,
+                                   cache_cfg=self.session_cache_cfg(c.chat_reuse_pages),
+                                   attn=e.attn, quality=False, keep_masters=True)
+    rs = self._chat_rs
+    rs.sampling = params
+    known = set(rs.masters.masters)
+    res = rs.run_round(Round([AgentPrompt("chat", segments, max_tokens=params.max_tokens)]))
+    stats = {k: res.stats[k] for k in ("prompt_tokens", "computed_tokens", "pages_copied")}
+    stats["shared_tokens_prefilled"] = sum(  # new masters: shared text not seen before
+        len(m.tokens) for k, m in rs.masters.masters.items()
+        if k not in known and m.source == "prefill")
+    stats["masters"] = len(rs.masters.masters)
+    return res.outputs["chat"], stats
+
+  @property
+  def chat_pages_used(self) -> int:
+    return 0 if self._chat_rs is None else self._chat_rs.allocator.num_used
+
   def session_pages_used(self) -> int:
     return sum(s.rs.allocator.num_used for s in self.sessions.values())
 
@@ -718,9 +759,12 @@ def _add_openai_routes(router: APIRouter, worker: Worker) -> None:
   @router.post("/v1/chat/completions")
   async def chat_completions(request: Request):
     body = _parse(ChatRequest, await request.body(), cfg.max_body_bytes)
-    prompt = _chat_prompt(body, worker)
     if body.max_completion_tokens is not None and body.max_tokens is None:
       body.max_tokens = body.max_completion_tokens
+    segments = _chat_segments(body, worker)
+    if segments is not None:
+      return await _generate_with_reuse(worker, body, segments)
+    prompt = _chat_prompt(body, worker)
     return await _generate(worker, body, prompt, chat=True, default_max=cfg.default_max_tokens)
 
 
@@ -747,20 +791,80 @@ def _completion_prompt(body: CompletionRequest, worker: Worker) -> list[int]:
   return ids
 
 
-def _chat_prompt(body: ChatRequest, worker: Worker) -> list[int]:
+def _chat_messages(body: ChatRequest, strip_marks: bool) -> list[dict]:
+  """The messages as {role, content} dicts (text parts only), marks stripped or kept."""
   if not body.messages:
     raise bad_request("messages is empty; send at least one message", param="messages")
   msgs = []
   for m in body.messages:
     content = m.content if isinstance(m.content, str) else "".join(
         part.text for part in m.content if part.type == "text")
-    # Segment marks of the rounds prompt interface carry no meaning in a plain chat.
-    content = content.replace(SHARED_MARK, "").replace(PRIVATE_MARK, "")
+    if strip_marks:
+      content = content.replace(SHARED_MARK, "").replace(PRIVATE_MARK, "")
     msgs.append({"role": m.role, "content": content})
+  return msgs
+
+
+def _chat_prompt(body: ChatRequest, worker: Worker) -> list[int]:
   try:
-    return worker.tok.encode(worker.tok.apply_chat_template(msgs))
+    return worker.tok.encode(worker.tok.apply_chat_template(_chat_messages(body, True)))
   except ValueError as e:
     raise bad_request(str(e), param="messages") from None
+
+
+def _chat_segments(body: ChatRequest, worker: Worker) -> list[Segment] | None:
+  """Segments of a chat whose messages mark shared text (None when nothing is marked).
+
+  Marks apply across the templated conversation: text after <|td:shared|> is
+  shared up to the next mark; the template's own text and everything before
+  the first mark are private, and the end of each message closes a shared span.
+  """
+  msgs = _chat_messages(body, False)
+  if not any(SHARED_MARK in m["content"] for m in msgs):
+    return None
+  for m in msgs:  # a shared span never runs into the template text after its message
+    m["content"] = m["content"] + (PRIVATE_MARK if SHARED_MARK in m["content"] else "")
+  try:
+    text = worker.tok.apply_chat_template(msgs)
+    return parse_text(text, worker.tok.encode)
+  except ValueError as e:
+    raise bad_request(str(e), param="messages") from None
+
+
+async def _generate_with_reuse(worker: Worker, body: ChatRequest, segments: list[Segment]):
+  """A marked chat: one tokendance round on the worker, answered like `_generate`."""
+  prompt = [t for s in segments for t in s.tokens]
+  params, stop = _sampling(body, len(prompt), worker, worker.config.default_max_tokens)
+  cc = worker.session_cache_cfg(worker.config.chat_reuse_pages)
+  if pages_needed(len(prompt), cc.page_size) + len(segments) + pages_needed(
+      params.max_tokens, cc.page_size) > cc.num_pages - 1:
+    raise bad_request(f"prompt + max_tokens needs more than the {cc.num_pages - 1} pages of "
+                      "the chat reuse pool", param="max_tokens", code="context_length_exceeded")
+  worker.metrics.prompt_tokens += len(prompt)
+  try:
+    ids, stats = await worker.call(lambda: worker.chat_round(segments, params))
+  except OutOfPages as e:
+    raise ApiError(503, f"chat reuse pool exhausted ({e}); retry later", type="server_error",
+                   code="out_of_pages", headers={"Retry-After": str(worker.config.retry_after_s)}
+                   ) from None
+  worker.metrics.add_tokens(len(ids))
+  text = worker.tok.decode(ids)
+  cut = _find_stop(text, stop)
+  reason = "stop" if cut is not None or len(ids) < params.max_tokens else "length"
+  text = text if cut is None else text[:cut]
+  info = {"prompt_tokens": len(prompt), "completion_tokens": len(ids), "finish_reason": reason,
+          "error": None, "status": 200}
+  meta = {"id": "chatcmpl-" + uuid.uuid4().hex[:24], "created": int(time.time()),
+          "model": worker.config.model_name}
+  if body.stream:
+    c = _Completion(prompt, params, stop, asyncio.Queue(), done=True)
+    c.events.put_nowait(("delta", text))
+    c.events.put_nowait(("done", info))
+    usage = bool(body.stream_options and body.stream_options.include_usage)
+    return StreamingResponse(_stream(worker, c, meta, True, usage, "chat"),
+                             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+  worker.metrics.requests[("chat", "ok")] += 1
+  return {**_full_response(meta, True, text, info), "tokendance": stats}
 
 
 def _sampling(body: _Generation, n_prompt: int, worker: Worker, default_max: int):
@@ -1033,6 +1137,8 @@ def _prometheus(worker: Worker) -> str:
        worker.session_pages_used()),
       ("tokendance_session_master_pages", "gauge", "shared master pages held by sessions",
        sum(s.rs.masters.num_pages for s in worker.sessions.values())),
+      ("tokendance_chat_reuse_pages_used", "gauge", "KV pages of the marked-chat reuse pool",
+       worker.chat_pages_used),
       ("tokendance_queue_depth", "gauge", "requests waiting", worker.queue_depth),
       ("tokendance_running", "gauge", "sequences decoding", len(e.running)),
       ("tokendance_sessions", "gauge", "open sessions", len(worker.sessions)),

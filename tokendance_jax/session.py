@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tokendance_jax import collector, diffstore, model, sampling
+from tokendance_jax import collector, diffstore, model, sampling, sharding
 from tokendance_jax.config import AttentionConfig, CacheConfig, ModelConfig
 from tokendance_jax.engine import Engine, _model_step_logits, bucket, build_batch
 from tokendance_jax.paging import BlockTable, OutOfPages, pages_needed
@@ -102,12 +102,17 @@ class RoundSession:
     sampling: temperature / top-k / top-p / seed for every agent (greedy by default).
     quality: also prefill each round with `full` (untimed) and compare next-token distributions.
     max_prefill_tokens: tokens per prefill / recompute batch.
+    keep_masters: keep masters a round does not use (evicted least recently used
+      when the pool runs short) instead of dropping them; for request streams
+      (chat) where a shared segment comes back after rounds without it.
+    mesh: None (one device) or a mesh / spec / `sharding.MeshPlan` (see `Engine`).
   """
 
   def __init__(self, params, cfg: ModelConfig, *, method: str = "tokendance",
                policy: ReusePolicy = ReusePolicy(), cache_cfg: CacheConfig = CacheConfig(),
                attn: AttentionConfig | None = None, sampling: SamplingParams = SamplingParams(),
-               quality: bool = True, max_prefill_tokens: int = 4096, progress: bool = False):
+               quality: bool = True, max_prefill_tokens: int = 4096, progress: bool = False,
+               mesh=None, keep_masters: bool = False):
     if method not in METHODS:
       raise ValueError(f"method={method!r}; expected one of {', '.join(METHODS)}")
     self.cfg, self.params, self.method, self.policy = cfg, params, method, policy
@@ -118,11 +123,16 @@ class RoundSession:
     if policy.check_layer >= cfg.n_layers:
       raise ValueError(f"check_layer={policy.check_layer} must be < n_layers={cfg.n_layers}")
     self.engine = Engine(params, cfg, cache_cfg=cache_cfg, attn=attn, max_batch=1 << 20,
-                         max_prefill_tokens=max_prefill_tokens)
+                         max_prefill_tokens=max_prefill_tokens, mesh=mesh)
+    self.params = self.engine.params  # placed on the mesh when there is one
     self.attn = self.engine.attn
     self.cache_cfg = cache_cfg
     self.allocator = self.engine.allocator
     self.masters = diffstore.MasterRegistry(self.allocator)
+    self.keep_masters = keep_masters
+    self._pinned: list[int] = []  # master pages held for the round in flight (keep_masters)
+    if keep_masters:
+      self.allocator.reclaim = self.masters.evict
     self.prefix = PrefixCache(self.allocator) if method == "prefix" else None
     self.sampling, self.quality, self.progress = sampling, quality, progress
     self.page_bytes = cache_cfg.bytes_per_page(cfg)
@@ -138,6 +148,13 @@ class RoundSession:
     Bad input (see `Round.validate`, unknown `SegmentRef`) raises ValueError
     before any page is touched.
     """
+    try:
+      return self._run_round(rnd)
+    finally:
+      self.allocator.free(self._pinned)
+      self._pinned = []
+
+  def _run_round(self, rnd: Round) -> RoundResult:
     rnd = rnd.resolve(self.known)
     rnd.validate(self.cfg)
     self.known.update((k, s.tokens) for k, s in rnd.shared_segments().items())
@@ -145,7 +162,8 @@ class RoundSession:
                  recompute_seconds=0.0, pages_copied=0)
     start = time.perf_counter()
     if self.method in REUSE_METHODS:
-      self.masters.retain_only(rnd.shared_segments().keys())
+      if not self.keep_masters:
+        self.masters.retain_only(rnd.shared_segments().keys())
       self._prefill_masters(rnd, stats)
     agents = self._layout_all(rnd)
     try:
@@ -169,6 +187,8 @@ class RoundSession:
     stats.update(_token_stats(agents), **dataclasses.asdict(fp),
                  masters=len(self.masters.masters), master_pages=self.masters.num_pages,
                  preemptions=self.engine.num_preemptions)
+    if self.engine.mesh_plan is not None:
+      stats.update(self._device_stats(fp.pages_in_use))
     result = RoundResult(
         round=self.round_index, prefill_seconds=prefill_seconds, round_seconds=round_seconds,
         kv_bytes_per_agent=fp.unique_pages * self.page_bytes / n,
@@ -246,20 +266,48 @@ class RoundSession:
 
   def _prefill_masters(self, rnd: Round, stats: dict) -> None:
     """Standalone prefill of shared segments without a master (system prompt, headers...)."""
+    if self.keep_masters:  # the round's masters must not be evicted while it runs
+      self._pin([k for k in rnd.shared_segments() if k in self.masters])
     missing = [s for k, s in rnd.shared_segments().items() if k not in self.masters]
     if not missing:
       return
     t0 = time.perf_counter()
-    tables = []
-    for seg in missing:
-      table = BlockTable(self.cache_cfg.page_size)
-      table.append_segment(self.allocator.alloc(pages_needed(len(seg), table.page_size)), len(seg))
-      tables.append(table)
-    chunks = [(t, list(s.tokens), np.arange(len(s))) for t, s in zip(tables, missing, strict=True)]
-    self._run(chunks, want_logits=False)
-    for table, seg in zip(tables, missing, strict=True):
-      self.masters.add(seg.key, seg.tokens, table.pages, source="prefill")
+    anchor = _common_first(rnd) if self.policy.anchor else None
+    if anchor is not None and anchor.key not in self.masters:
+      self._prefill_standalone([anchor], None)  # position 0 in every prompt: exact
+      missing = [s for s in missing if s.key != anchor.key]
+    self._prefill_standalone(missing, anchor)
     stats["master_prefill_seconds"] += _sync(self.engine.cache, t0)
+
+  def _pin(self, keys) -> None:
+    pages = [p for k in keys for p in self.masters.get(k).pages]
+    self.allocator.share(pages)
+    self._pinned += pages
+
+  def _prefill_standalone(self, segs: list[Segment], anchor: Segment | None) -> None:
+    """Masters for `segs`, each prefilled alone or right after the `anchor` master's tokens."""
+    if not segs:
+      return
+    ps = self.cache_cfg.page_size
+    ctx = self.masters.get(anchor.key) if anchor is not None else None
+    n_ctx = len(ctx.tokens) if ctx is not None else 0
+    tables, chunks = [], []
+    for seg in segs:
+      table = BlockTable(ps)
+      if ctx is not None:
+        self.allocator.share(ctx.pages)
+        table.append_segment(list(ctx.pages), n_ctx)
+      table.append_segment(self.allocator.alloc(pages_needed(len(seg), ps)), len(seg))
+      tables.append(table)
+      tokens = list(ctx.tokens if ctx is not None else ()) + list(seg.tokens)
+      chunks.append((table, tokens, np.arange(n_ctx, n_ctx + len(seg))))
+    self._run(chunks, want_logits=False)
+    n_ctx_pages = len(ctx.pages) if ctx is not None else 0
+    for table, seg in zip(tables, segs, strict=True):
+      self.allocator.free(table.pages[:n_ctx_pages])
+      self.masters.add(seg.key, seg.tokens, table.pages[n_ctx_pages:], source="prefill")
+    if self.keep_masters:
+      self._pin([s.key for s in segs])
 
   def _prefill(self, agents: list[AgentState], stats: dict):
     """Method-specific prefill; returns (first tokens, log-probs [n, vocab] or None)."""
@@ -366,9 +414,12 @@ class RoundSession:
         shared = a.shared_mask
         reuse[cursor:cursor + n] = np.where(shared, a.table.slots(0, n), -1)
         cursor += n
-      dev, scratch = collector.check_deviation(
-          self.params, scratch, self.engine.cache.k[layer], batch, reuse, cfg=self.cfg,
-          attn=self.attn, check_layer=layer)
+      if self.engine.mesh_plan is not None:
+        batch, = self.engine.place(batch)
+        reuse = self.engine.mesh_plan.shard_tokens(reuse)
+      check = self.engine.jitted(collector.check_deviation, 1, self._scratch_sharding())
+      dev, scratch = check(self.params, scratch, self.engine.cache.k[layer], batch, reuse,
+                           cfg=self.cfg, attn=self.attn, check_layer=layer)
       devs.append(np.asarray(dev)[:cursor])
     self._scratch = scratch
     return np.concatenate(devs)
@@ -388,9 +439,29 @@ class RoundSession:
     pages = bucket(pages, 64)
     if self._scratch is None or self._scratch.num_pages < pages:
       sub = dataclasses.replace(self.cfg, n_layers=self.policy.check_layer + 1)
-      self._scratch = model.KVCache.create(sub, dataclasses.replace(self.cache_cfg,
-                                                                     num_pages=pages))
+      sub_pool = dataclasses.replace(self.cache_cfg, num_pages=pages)
+      plan = self.engine.mesh_plan
+      self._scratch = (model.KVCache.create(sub, sub_pool) if plan is None
+                       else plan.create_cache(sub, sub_pool))
     return self._scratch
+
+  def _scratch_sharding(self):
+    plan = self.engine.mesh_plan
+    if plan is None:
+      return None
+    sub_pool = dataclasses.replace(self.cache_cfg, num_pages=self._scratch.num_pages)
+    return plan.cache_sharding(self.cfg, sub_pool, n_layers=self.policy.check_layer + 1)
+
+  def _device_stats(self, pages_in_use: int) -> dict:
+    """Per-device memory under a mesh. The page axis is not sharded: every device holds
+    its kv-head share of every page, so in-use bytes per device scale with kv-head shards."""
+    plan = self.engine.mesh_plan
+    frac = plan.kv_fraction_per_device()
+    return {"mesh": sharding.describe(plan.mesh), "devices": plan.mesh.size,
+            "pages_sharded": plan.mesh_axis("pages") is not None,
+            "kv_bytes_in_use_per_device": pages_in_use * self.page_bytes * frac,
+            "kv_pool_bytes_per_device": plan.bytes_per_device(self.engine.cache),
+            "param_bytes_per_device": plan.bytes_per_device(self.params)}
 
   def _copy_on_write(self, agents: list[AgentState], selected: list[np.ndarray]) -> int:
     """Give each agent its own page for every master block it recomputes any token of."""
@@ -449,7 +520,8 @@ class RoundSession:
     params = [self._sampling_for(i) if r in rows else None for r, (i, *_) in enumerate(items)]
     samp = sampling.SamplingArrays.from_params(params, [0] * len(items),
                                                batch.block_tables.shape[0])
-    tokens, logp, self.engine.cache = _model_step_logits(
+    batch, samp = self.engine.place(batch, samp)
+    tokens, logp, self.engine.cache = self.engine.jitted(_model_step_logits, 2)(
         self.params, self.engine.cache, batch, samp, cfg=self.cfg, attn=self.attn)
     tokens = np.asarray(tokens)
     for r, (i, *_) in enumerate(items):
@@ -492,7 +564,7 @@ class RoundSession:
       self._run(pending, want_logits=False)
     for a in agents:
       out = outputs[a.agent_id]
-      if self.method in REUSE_METHODS and out:
+      if self.method in REUSE_METHODS and out and self.policy.output_masters == "decode":
         pages = diffstore.output_master_pages(a.table, a.num_prompt, len(out))
         if pages is not None:
           self.allocator.share(pages)
@@ -558,6 +630,13 @@ def _token_stats(agents: list[AgentState]) -> dict:
   recomputed = sum(len(a.recompute) for a in agents if a.recompute is not None)
   return {"prompt_tokens": prompt, "computed_tokens": recomputed,
           "computed_fraction": recomputed / max(prompt, 1)}
+
+
+def _common_first(rnd: Round) -> Segment | None:
+  """The shared segment every prompt of the round starts with, if there is one."""
+  firsts = {p.segments[0].key for p in rnd.prompts}
+  first = rnd.prompts[0].segments[0]
+  return first if len(firsts) == 1 and first.shared else None
 
 
 def _sync(cache, t0: float) -> float:
