@@ -68,8 +68,8 @@ def full_run(params):
 @pytest.mark.parametrize("method,select,extra", [
     ("prefix", "cacheblend", {}), ("cacheblend", "cacheblend", {}), ("epic", "epic", {}),
     ("tokendance", "cacheblend", {}), ("tokendance", "block", {}), ("tokendance", "epic", {}),
-    ("tokendance", "block", {"anchor": True, "output_masters": "prefill"}),
-    ("cacheblend", "cacheblend", {"anchor": True, "output_masters": "prefill"})])
+    ("tokendance", "block", {"anchor": False, "output_masters": "decode"}),
+    ("cacheblend", "cacheblend", {"anchor": False, "output_masters": "decode"})])
 def test_recompute_one_equals_full(params, full_run, method, select, extra):
   """Recompute fraction 1.0 (epic: k >= any block) must reproduce full recompute."""
   policy = ReusePolicy(select=select, recompute=1.0, epic_k=10_000, **extra)
@@ -104,9 +104,11 @@ def test_mirror_is_lossless(params):
   wl = Workload()
   prev = sess.run_round(wl.round(0, None)).outputs
   rnd = wl.round(1, prev)
+  stats = dict.fromkeys(("master_prefill_seconds", "check_seconds", "copy_seconds",
+                         "recompute_seconds", "pages_copied"), 0)
+  sess._prefill_masters(rnd, stats)  # the masters of round 0's outputs
   agents = sess._layout_all(rnd)
-  sess._prefill(agents, dict.fromkeys(("check_seconds", "copy_seconds", "recompute_seconds",
-                                       "pages_copied"), 0))
+  sess._prefill(agents, stats)
   assert any(a.mirror_blocks for a in agents)
   assert any(set(a.table.pages) & {p for m in sess.masters.masters.values() for p in m.pages}
              for a in agents)
@@ -153,7 +155,10 @@ def test_prefix_cache_hits_the_shared_system_prompt(params):
 
 def test_reordered_shared_blocks_still_reuse(params):
   """Different orders per agent: masters serve any offset, prefix caching cannot."""
-  _, td = run(params, "tokendance", ReusePolicy(recompute=0.2), order="random")
+  # Output masters from the authors' decode: random weights have no attention-sink structure
+  # for anchored prefills to fix, so this checks reuse at any offset on its own.
+  policy = ReusePolicy(recompute=0.2, anchor=False, output_masters="decode")
+  _, td = run(params, "tokendance", policy, order="random")
   assert td[-1].stats["computed_fraction"] < 0.9
   assert td[-1].quality["top1_agreement"] >= 0.5
 

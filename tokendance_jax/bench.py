@@ -90,6 +90,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--select", default="block", help="cacheblend or block (epic selects its own)")
   p.add_argument("--recompute", type=float, default=0.15, help="fraction of shared tokens")
   p.add_argument("--check-layer", type=int, default=1)
+  p.add_argument("--anchor", default=None, action=argparse.BooleanOptionalAction,
+                 help="prefill standalone masters after the common system prompt "
+                      "(default: the library's ReusePolicy default)")
+  p.add_argument("--output-masters", default=None,
+                 help="decode or prefill: where output masters come from (default: the library's)")
   p.add_argument("--max-tokens", type=int, default=None, help="output tokens per agent")
   p.add_argument("--num-pages", type=int, default=None,
                  help="page pool (capacity: the fixed pool, default 384; else sized per point)")
@@ -116,6 +121,8 @@ class BenchConfig:
   select: str
   recompute: float
   check_layer: int
+  anchor: bool | None
+  output_masters: str | None
   max_tokens: int
   num_pages: int | None
   page_size: int
@@ -142,6 +149,8 @@ def config_from_args(args) -> BenchConfig:
   _choice("--select", args.select, ("cacheblend", "block"))
   if args.order is not None:
     _choice("--order", args.order, ORDERS)
+  if args.output_masters is not None:
+    _choice("--output-masters", args.output_masters, ("decode", "prefill"))
   if not 0.0 <= args.recompute <= 1.0:
     raise ValueError(f"--recompute {args.recompute!r} must be in [0, 1]")
   for name in ("rounds", "max_tokens", "num_pages", "page_size"):
@@ -164,7 +173,8 @@ def config_from_args(args) -> BenchConfig:
   return BenchConfig(
       experiment=args.experiment, preset=preset, agents=agents, rounds=pick("rounds"),
       methods=methods, select=args.select, recompute=args.recompute,
-      check_layer=args.check_layer, max_tokens=pick("max_tokens"), num_pages=pick("num_pages"),
+      check_layer=args.check_layer, anchor=args.anchor, output_masters=args.output_masters,
+      max_tokens=pick("max_tokens"), num_pages=pick("num_pages"),
       page_size=args.page_size, slo_seconds=args.slo_seconds, order=args.order, seed=args.seed,
       quality_agents=quality, quick=args.quick)
 
@@ -237,7 +247,6 @@ def run_method(model, bc: BenchConfig, method: str, agents: int, *, quality: boo
   """
   from tokendance_jax.config import CacheConfig
   from tokendance_jax.roundrun import PromptBuilder, _private_share
-  from tokendance_jax.rounds import ReusePolicy
   from tokendance_jax.session import RoundSession
 
   params, cfg, tok = model
@@ -245,8 +254,7 @@ def run_method(model, bc: BenchConfig, method: str, agents: int, *, quality: boo
   builder = PromptBuilder(wl, tok)
   pages = num_pages or auto_pages(builder, wl, bc)
   cache_cfg = CacheConfig(num_pages=pages, page_size=bc.page_size)
-  policy = ReusePolicy(select="epic" if method == "epic" else bc.select, recompute=bc.recompute,
-                       check_layer=bc.check_layer)
+  policy = reuse_policy(bc, method)
   sess = RoundSession(params, cfg, method=method, policy=policy, cache_cfg=cache_cfg,
                       quality=quality)
   clock, outputs, rows = CompileClock.get(), [], []
@@ -268,9 +276,19 @@ def run_method(model, bc: BenchConfig, method: str, agents: int, *, quality: boo
     del sess
     gc.collect()
   return {"method": method, "preset": bc.preset, "agents": agents, "select": policy.select,
+          "policy": dataclasses.asdict(policy),
           "recompute": bc.recompute, "num_pages": pages, "page_size": bc.page_size,
           "bytes_per_page": cache_cfg.bytes_per_page(cfg), "quality": quality,
           "seconds": time.perf_counter() - start, "leaked_pages": leaked, "rounds": rows}
+
+
+def reuse_policy(bc: BenchConfig, method: str):
+  """The ReusePolicy of `method`; anchor / output masters default to the library's."""
+  from tokendance_jax.rounds import ReusePolicy
+
+  extra = {k: getattr(bc, k) for k in ("anchor", "output_masters") if getattr(bc, k) is not None}
+  return ReusePolicy(select="epic" if method == "epic" else bc.select, recompute=bc.recompute,
+                     check_layer=bc.check_layer, **extra)
 
 
 def _workload(bc: BenchConfig, agents: int):
@@ -559,6 +577,7 @@ def run(bc: BenchConfig, progress: bool = True, checkpoint=None) -> dict:
   head = dict(experiment=bc.experiment, model=MODEL, preset=bc.preset,
               backend=jax.default_backend(), machine=platform.machine(), jax=jax.__version__,
               config=dataclasses.asdict(bc),
+              policy=dataclasses.asdict(reuse_policy(bc, "tokendance")),
               timing_note="*_net times exclude JAX trace/compile seconds inside the window; "
                           "points average rounds >= 1")
   if bc.experiment == "capacity":

@@ -145,10 +145,12 @@ def _add_round_args(p: argparse.ArgumentParser, agents: int, rounds: int) -> Non
   p.add_argument("--recompute", type=float, default=0.15, help="fraction of shared tokens")
   p.add_argument("--check-layer", type=int, default=1)
   p.add_argument("--epic-k", type=int, default=16)
-  p.add_argument("--anchor", action="store_true",
-                 help="prefill standalone masters after the common system prompt, not alone")
-  p.add_argument("--output-masters", default="decode", choices=["decode", "prefill"],
-                 help="masters of agents' outputs: their decode K/V, or a prefill next round")
+  p.add_argument("--no-anchor", dest="anchor", action="store_false",
+                 help="prefill standalone masters alone from position 0, not after the common "
+                      "system prompt")
+  p.add_argument("--output-masters", default="prefill", choices=["decode", "prefill"],
+                 help="masters of agents' outputs: a prefill next round (default) or the "
+                      "author's own decode K/V (free, computed in the author's context)")
   p.add_argument("--order", default=None,
                  choices=["canonical", "rotate_to_self", "random_per_agent"])
   p.add_argument("--max-tokens", type=int, default=None, help="override output lengths")

@@ -64,8 +64,8 @@ class RoundRunConfig:
   recompute: float = 0.15
   check_layer: int = 1
   epic_k: int = 16
-  anchor: bool = False
-  output_masters: str = "decode"
+  anchor: bool = True
+  output_masters: str = "prefill"
   seed: int = 0
   order: str | None = None
   max_tokens: int | None = None  # override the workload's output caps

@@ -180,8 +180,8 @@ class ReusePolicy:
   recompute: float = 0.15
   check_layer: int = 1
   epic_k: int = 16
-  anchor: bool = False
-  output_masters: str = "decode"
+  anchor: bool = True
+  output_masters: str = "prefill"
 
   def __post_init__(self):
     if self.select not in ("cacheblend", "block", "epic"):
