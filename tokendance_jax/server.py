@@ -157,6 +157,8 @@ class SessionRequest(_Body):
   select: str = "block"
   recompute: float = 0.15
   check_layer: int = 1
+  anchor: bool = True
+  output_masters: str = "prefill"
   temperature: float = 0.0
   seed: int = 0
   max_tokens: int = 64
@@ -581,7 +583,8 @@ class RoundsSession:
     from tokendance_jax.session import RoundSession
 
     policy = ReusePolicy(select=body.select, recompute=body.recompute,
-                         check_layer=body.check_layer)
+                         check_layer=body.check_layer, anchor=body.anchor,
+                         output_masters=body.output_masters)
     sampling = SamplingParams(max_tokens=1, temperature=body.temperature, seed=body.seed)
     self.id, self.tok, self.cfg, self.body = session_id, tok, cfg, body
     self.method, self.policy = body.method, policy
