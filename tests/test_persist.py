@@ -57,6 +57,10 @@ def test_restore_refuses_mismatch_and_corruption(params, tmp_path):  # noqa: F81
   arrays, meta = persist.capture(a)
   with pytest.raises(ValueError, match="method"):
     persist.restore(_session(params, "prefix"), arrays, meta)
+  other = RoundSession(params, CFG, method="tokendance", policy=ReusePolicy(recompute=0.5),
+                       cache_cfg=POOL, quality=False)
+  with pytest.raises(ValueError, match="policy"):
+    persist.restore(other, arrays, meta)
   assert arrays is not None
   bad = {"k": arrays["k"] + 1, "v": arrays["v"]}
   with pytest.raises(ValueError, match="checksum"):

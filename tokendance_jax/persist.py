@@ -16,6 +16,7 @@ by `kill -9` never becomes the latest step: the previous one stays loadable.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import pathlib
 
@@ -46,8 +47,7 @@ def capture(rs) -> tuple[dict | None, dict]:
   meta = {
       "format": FORMAT,
       "method": rs.method,
-      "policy": {"select": rs.policy.select, "recompute": rs.policy.recompute,
-                 "check_layer": rs.policy.check_layer, "epic_k": rs.policy.epic_k},
+      "policy": dataclasses.asdict(rs.policy),
       "pool": {"num_pages": rs.cache_cfg.num_pages, "page_size": rs.cache_cfg.page_size,
                "dtype": str(jnp.dtype(rs.cache_cfg.dtype))},
       "kv_shape": list(cache.k.shape),
@@ -68,7 +68,8 @@ def check_compatible(rs, meta: dict) -> None:
   """ValueError naming the first field where `rs` differs from the snapshot's session."""
   if meta.get("format") != FORMAT:
     raise ValueError(f"snapshot format {meta.get('format')!r}; this version reads {FORMAT}")
-  want = {"method": rs.method, "kv_shape": list(rs.engine.cache.k.shape),
+  want = {"method": rs.method, "policy": dataclasses.asdict(rs.policy),
+          "kv_shape": list(rs.engine.cache.k.shape),
           "pool": {"num_pages": rs.cache_cfg.num_pages, "page_size": rs.cache_cfg.page_size,
                    "dtype": str(jnp.dtype(rs.cache_cfg.dtype))}}
   for key, value in want.items():
