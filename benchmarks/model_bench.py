@@ -43,15 +43,22 @@ def matmul_peak(dtype, n: int = 2048, repeats: int = 5) -> float:
   return 2 * n**3 / _time(lambda: f(a).block_until_ready(), repeats)
 
 
-def _batch(cfg, cache_cfg, rows: int, tokens_per_row: int, start: int):
-  """rows sequences, each feeding tokens_per_row tokens at positions start.."""
+def _batch(cfg, cache_cfg, rows: int, tokens_per_row: int, start: int, scattered: bool = False):
+  """rows sequences, each feeding tokens_per_row tokens at positions start.. (scattered:
+  at tokens_per_row positions drawn from 0 .. start + tokens_per_row - 1, the last one
+  included, as a selective recompute feeds them)."""
   pages = -(-(start + tokens_per_row) // cache_cfg.page_size)
   width = engine_mod.bucket(pages, 4)
   tables = np.zeros((rows, width), np.int32)
   tables[:, :pages] = 1 + np.arange(rows * pages).reshape(rows, pages)
   t = rows * tokens_per_row
-  pos = np.tile(np.arange(start, start + tokens_per_row), rows).astype(np.int32)
   rng = np.random.default_rng(0)
+  if scattered:
+    end = start + tokens_per_row - 1
+    pos = np.concatenate([np.append(np.sort(rng.choice(end, tokens_per_row - 1, replace=False)),
+                                    end) for _ in range(rows)]).astype(np.int32)
+  else:
+    pos = np.tile(np.arange(start, start + tokens_per_row), rows).astype(np.int32)
   return model.Batch.contiguous(
       tokens=rng.integers(3, cfg.vocab_size, t), positions=pos,
       seq_ids=np.repeat(np.arange(rows), tokens_per_row), block_tables=tables,
@@ -70,7 +77,7 @@ def run(args):
     cache_cfg = CacheConfig(num_pages=rows * (-(-(ctx + n) // 16)) + 8, page_size=16,
                             dtype=args.dtype)
     cache = model.KVCache.create(cfg, cache_cfg)
-    batch = _batch(cfg, cache_cfg, rows, n, ctx)
+    batch = _batch(cfg, cache_cfg, rows, n, ctx, scattered=(mode == "recompute"))
     samp = sampling.SamplingArrays.from_params([], [], rows)
     state = {"cache": cache}
 
@@ -80,26 +87,58 @@ def run(args):
       tok.block_until_ready()
 
     sec = _time(step, args.repeats)
+    attn_sec = cfg.n_layers * _time(_attention_alone(cfg, state["cache"], batch, attn,
+                                                     decode=(mode == "decode")), args.repeats)
     tokens = rows * n
-    flops = tokens * cfg.flops_per_token(context=ctx + n // 2)
+    positions = np.asarray(batch.positions)
+    flops = cfg.prefill_flops(positions[positions >= 0])
+    attn_flops = flops - tokens * cfg.flops_per_token(0)
     points.append(dict(mode=mode, batch=rows, tokens_per_seq=n, context=ctx, seconds=sec,
                        tokens_per_s=tokens / sec, flops_per_s=flops / sec,
-                       fraction_of_peak=flops / sec / peak))
-    print(f"{mode:7s} batch={rows:3d} tokens/seq={n:4d} ctx={ctx:4d}: "
+                       fraction_of_peak=flops / sec / peak, attention_seconds=attn_sec,
+                       attention_share=attn_sec / sec, attention_flop_share=attn_flops / flops,
+                       rest_flops_per_s=(flops - attn_flops) / max(sec - attn_sec, 1e-9)))
+    print(f"{mode:9s} batch={rows:3d} tokens/seq={n:4d} ctx={ctx:4d}: "
           f"{tokens / sec:9.1f} tok/s  {flops / sec / 1e9:7.2f} GFLOP/s "
-          f"({100 * flops / sec / peak:.1f}% of peak)", flush=True)
+          f"({100 * flops / sec / peak:.1f}% of peak); attention {100 * attn_sec / sec:.0f}% "
+          f"of the time for {100 * attn_flops / flops:.0f}% of the FLOPs", flush=True)
   return dict(benchmark="model", model="SmolLM2-135M-Instruct", dtype=args.dtype,
               backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
               machine=platform.machine(), cpus=jax.device_count(), jax=jax.__version__,
               attention=attn.impl, matmul_peak_flops=peak, points=points)
 
 
+def _attention_alone(cfg, cache, batch, attn, decode: bool):
+  """One layer's paged attention on the step's own batch and cache, timed by itself."""
+  from tokendance_jax import kernels
+
+  fn = {"pallas": kernels.ragged_paged_attention,
+        "chunked": kernels.ragged_paged_attention_chunked,
+        "reference": kernels.ragged_paged_attention_reference}[attn.impl]
+  if decode:
+    fn = (kernels.paged_decode_attention if attn.impl == "pallas"
+          else kernels.paged_decode_attention_reference)
+  extra = {} if attn.impl != "pallas" else {"interpret": attn.interpret}
+  blocks = kernels.BlockSizes(block_q=attn.block_q, pages_per_block=attn.pages_per_block)
+  q = jnp.ones((batch.tokens.shape[0], cfg.n_heads, cfg.head_dim), cache.k.dtype)
+  args = (q, cache.k, cache.v, batch.block_tables, batch.positions)
+  if not decode:
+    args += (batch.seq_ids,)
+  f = jax.jit(lambda *a: fn(*a, layer=jnp.int32(0), rope_theta=cfg.rope_theta,
+                            block_pos=batch.block_pos, block_len=batch.block_len,
+                            block_sizes=blocks, **extra))
+  return lambda: f(*args).block_until_ready()
+
+
 def _cases(quick: bool):
   if quick:
-    return [("prefill", 1, 64, 0), ("decode", 1, 1, 64), ("decode", 4, 1, 64)]
+    return [("prefill", 1, 64, 0), ("recompute", 2, 32, 96), ("decode", 1, 1, 64),
+            ("decode", 4, 1, 64)]
   prefill = [("prefill", b, 256, 0) for b in (1, 2, 4, 8)]
+  # selective recompute of a round: 16 agents x 256 tokens scattered over 2k-token prompts
+  recompute = [("recompute", b, 256, 1792) for b in (4, 16)]
   decode = [("decode", b, 1, 512) for b in (1, 4, 16, 32, 64)]
-  return prefill + decode
+  return prefill + recompute + decode
 
 
 def plot(result, path):
@@ -108,17 +147,18 @@ def plot(result, path):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-  for ax, mode in zip(axes, ("prefill", "decode"), strict=True):
+  fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+  for ax, mode in zip(axes, ("prefill", "recompute", "decode"), strict=True):
     pts = [p for p in result["points"] if p["mode"] == mode]
     ax.plot([p["batch"] for p in pts], [p["tokens_per_s"] for p in pts], "o-")
     for p in pts:
-      ax.annotate(f"{100 * p['fraction_of_peak']:.0f}%", (p["batch"], p["tokens_per_s"]),
-                  textcoords="offset points", xytext=(4, 4), fontsize=8)
+      ax.annotate(f"{100 * p['fraction_of_peak']:.0f}% (attn {100 * p['attention_share']:.0f}%"
+                  " of time)", (p["batch"], p["tokens_per_s"]),
+                  textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sequences per step")
     ax.set_ylabel("tokens / s")
-    ax.set_title(f"{mode} (labels: % of matmul peak)")
+    ax.set_title(f"{mode} (labels: % of matmul peak)", fontsize=9)
     ax.grid(alpha=0.3)
   fig.suptitle(f"{result['model']} {result['dtype']} on {result['device']} "
                f"(peak {result['matmul_peak_flops'] / 1e9:.0f} GFLOP/s)")

@@ -91,6 +91,9 @@ def test_capacity_quick(tmp_path):
     (["bench", "capacity", "--slo-seconds", "0"], "--slo-seconds 0.0 must be > 0"),
     (["bench", "storage", "--agents", "2,4", "--quality-agents", "3"], "3 is not in --agents"),
     (["bench", "storage", "--output-masters", "cache"], "--output-masters 'cache' is not one of"),
+    (["bench", "sweep", "--fractions", "0.1,2"], "--fractions '0.1,2': fractions must be in [0, 1]"),
+    (["bench", "sweep", "--selects", "block,random"], "--selects 'random' is not one of"),
+    (["bench", "sweep", "--no-quality"], "the sweep measures quality"),
 ])
 def test_bad_arguments(argv, message, capsys, monkeypatch):
   from tokendance_jax import api
@@ -98,3 +101,62 @@ def test_bad_arguments(argv, message, capsys, monkeypatch):
   monkeypatch.setattr(api, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
   assert cli.main(argv) == 2
   assert message in capsys.readouterr().err
+
+
+@pytest.mark.real_model
+def test_sweep_quick(tmp_path):
+  result = _bench(tmp_path, "sweep")
+  ref = next(p for p in result["points"] if p["kind"] == "reference")
+  assert ref["method"] == "full" and ref["forced_top1"] == 1.0  # paged full == dense full
+  sweep = {p["recompute"]: p for p in result["points"] if p["kind"] == "sweep"}
+  assert set(sweep) == {0.0, 1.0}
+  exact = sweep[1.0]  # reuse with recompute 1.0 is full recompute
+  assert exact["trace_match"] == 1.0 and exact["forced_top1"] == 1.0
+  assert exact["forced_tokens"] == sum(r["output_tokens"] for r in exact["per_round"])
+  assert exact["computed_fraction"] == 1.0 and exact["mean_kl"] < 1e-6
+  assert sweep[0.0]["computed_fraction"] < 1.0
+  for p in sweep.values():
+    assert p["shared_kv_vs_prefix"] > 0 and p["whole_kv_vs_prefix"] > 0
+  bar = result["quality_bar"]["tokendance/block/2"]
+  holding = [f for f, p in sweep.items() if p["forced_top1"] >= 0.99]
+  assert bar["recompute"] == min(holding) and bar["tried"] == [0.0, 1.0]
+
+
+def test_forced_top1_counts_disagreements():
+  """Outputs equal to the dense greedy continuation agree everywhere; one flipped token is
+  one miss (of the tokens of that agent) - and only that one."""
+  import jax
+  import numpy as np
+
+  from tokendance_jax import bench, model
+  from tokendance_jax.config import TINY
+
+  params = model.init_params(TINY, jax.random.PRNGKey(0))
+  prompt = list(np.random.default_rng(0).integers(3, TINY.vocab_size, size=21))
+  out = []
+  for _ in range(6):  # greedy continuation by the dense path, one token at a time
+    out.append(int(bench._dense_argmax(params, prompt + out, TINY)[-1]))
+  res = {"rounds": [{"round": 0, "outputs": {"a": out}}], "prompts": [{"a": prompt}]}
+  got = bench.forced_top1((params, TINY, None), res)
+  assert got == {"forced_top1": 1.0, "forced_tokens": 6, "first_top1": 1.0}
+  flipped = out[:3] + [(out[3] + 1) % TINY.vocab_size] + out[4:]
+  res["rounds"][0]["outputs"]["a"] = flipped
+  got = bench.forced_top1((params, TINY, None), res)
+  # position 3 misses; positions 4, 5 now follow another history and may or may not agree
+  assert got["first_top1"] == 1.0 and got["forced_top1"] <= 5 / 6
+
+
+def test_prefill_flops_match_the_matrix_shapes():
+  """ModelConfig.prefill_flops against a count written out from each matmul's shape."""
+  from tokendance_jax.config import TINY as c
+
+  positions = [0, 3, 4, 9]
+  t, keys = len(positions), sum(p + 1 for p in positions)
+  per_layer = (t * c.d_model * c.n_heads * c.head_dim           # q
+               + 2 * t * c.d_model * c.n_kv_heads * c.head_dim  # k, v
+               + t * c.n_heads * c.head_dim * c.d_model         # o
+               + 3 * t * c.d_model * c.ffn_dim                  # gate, up, down
+               + 2 * keys * c.n_heads * c.head_dim)             # scores, weighted values
+  assert c.prefill_flops(positions) == pytest.approx(2 * per_layer * c.n_layers, rel=1e-9)
+  assert c.prefill_flops(positions, layers=1) == pytest.approx(2 * per_layer, rel=1e-9)
+  assert c.prefill_flops([]) == 0.0

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from tokendance_jax import model
+from tokendance_jax import model, session
 from tokendance_jax.config import TINY, CacheConfig
 from tokendance_jax.engine import build_batch
 from tokendance_jax.paging import BlockTable, pages_needed
@@ -104,8 +104,7 @@ def test_mirror_is_lossless(params):
   wl = Workload()
   prev = sess.run_round(wl.round(0, None)).outputs
   rnd = wl.round(1, prev)
-  stats = dict.fromkeys(("master_prefill_seconds", "check_seconds", "copy_seconds",
-                         "recompute_seconds", "pages_copied"), 0)
+  stats = session.new_stats()
   sess._prefill_masters(rnd, stats)  # the masters of round 0's outputs
   agents = sess._layout_all(rnd)
   sess._prefill(agents, stats)

@@ -33,7 +33,7 @@ import time
 
 import numpy as np
 
-EXPERIMENTS = ("storage", "prefill", "capacity")
+EXPERIMENTS = ("storage", "prefill", "capacity", "sweep")
 METHODS = ("full", "prefix", "cacheblend", "epic", "tokendance")
 PRESETS = ("debate", "generative_agents", "agent_society")
 ORDERS = ("canonical", "rotate_to_self", "random_per_agent")
@@ -59,6 +59,8 @@ DEFAULTS = {
                     methods="tokendance,cacheblend,epic", max_tokens=16),
     "capacity": dict(preset="agent_society", agents="1,64", rounds=3, methods="prefix,tokendance",
                      max_tokens=16, num_pages=384),
+    "sweep": dict(preset="agent_society", agents="8", rounds=2, methods="tokendance",
+                  max_tokens=16, fractions="0,0.05,0.1,0.15,0.3,0.5", selects="block,cacheblend"),
 }
 QUICK = {  # CI smoke sizes: under a minute each on 2 CPU cores (compilation dominates)
     "storage": dict(preset="debate", agents="2", rounds=2, methods="prefix,tokendance",
@@ -67,6 +69,8 @@ QUICK = {  # CI smoke sizes: under a minute each on 2 CPU cores (compilation dom
                     max_tokens=4),
     "capacity": dict(preset="debate", agents="1,2", rounds=2, methods="prefix,tokendance",
                      max_tokens=4, num_pages=40),
+    "sweep": dict(preset="debate", agents="2", rounds=2, methods="tokendance", max_tokens=4,
+                  fractions="0,1", selects="block"),
 }
 
 
@@ -76,7 +80,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
       "bench", help="storage / prefill / capacity experiments on the real model; JSON + plot",
       description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
       epilog="\n\n".join(__doc__.split("\n\n")[1:3]))
-  p.add_argument("experiment", metavar="{storage,prefill,capacity}")
+  p.add_argument("experiment", metavar="{storage,prefill,capacity,sweep}")
   p.add_argument("--quick", action="store_true",
                  help="smoke-test size (debate, 1-2 agents, 2 rounds, 4 tokens)")
   p.add_argument("--json", default=None, help="default out/bench_<experiment>.json")
@@ -89,6 +93,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                  help="comma-separated METHOD[@MAX_AGENTS]: e.g. prefix,tokendance,full@8")
   p.add_argument("--select", default="block", help="cacheblend or block (epic selects its own)")
   p.add_argument("--recompute", type=float, default=0.15, help="fraction of shared tokens")
+  p.add_argument("--fractions", default=None,
+                 help="sweep: comma-separated recompute fractions (default 0,0.05,0.1,0.15,0.3,0.5)")
+  p.add_argument("--selects", default=None,
+                 help="sweep: comma-separated selections, block and/or cacheblend (token-level)")
   p.add_argument("--check-layer", type=int, default=1)
   p.add_argument("--anchor", default=None, action=argparse.BooleanOptionalAction,
                  help="prefill standalone masters after the common system prompt "
@@ -131,6 +139,8 @@ class BenchConfig:
   seed: int
   quality_agents: list[int]
   quick: bool
+  fractions: list[float] = dataclasses.field(default_factory=list)  # sweep: recompute values
+  selects: list[str] = dataclasses.field(default_factory=list)  # sweep: selections
 
 
 def config_from_args(args) -> BenchConfig:
@@ -161,6 +171,14 @@ def config_from_args(args) -> BenchConfig:
     raise ValueError(f"--check-layer {args.check_layer!r} and --seed {args.seed!r} must be >= 0")
   if not args.slo_seconds > 0:
     raise ValueError(f"--slo-seconds {args.slo_seconds!r} must be > 0")
+  fractions, selects = [args.recompute], [args.select]
+  if args.experiment == "sweep":
+    fractions = _float_list("--fractions", pick("fractions"))
+    selects = [x.strip() for x in str(pick("selects")).split(",")]
+    for x in selects:
+      _choice("--selects", x, ("cacheblend", "block"))
+    if args.no_quality:
+      raise ValueError("--no-quality: the sweep measures quality; it cannot skip it")
   if args.no_quality:
     quality = []
   elif args.quality_agents is not None:
@@ -176,12 +194,23 @@ def config_from_args(args) -> BenchConfig:
       check_layer=args.check_layer, anchor=args.anchor, output_masters=args.output_masters,
       max_tokens=pick("max_tokens"), num_pages=pick("num_pages"),
       page_size=args.page_size, slo_seconds=args.slo_seconds, order=args.order, seed=args.seed,
-      quality_agents=quality, quick=args.quick)
+      quality_agents=quality, quick=args.quick, fractions=fractions, selects=selects)
 
 
 def _choice(flag: str, value, choices) -> None:
   if value not in choices:
     raise ValueError(f"{flag} {value!r} is not one of {', '.join(choices)}")
+
+
+def _float_list(flag: str, text) -> list[float]:
+  try:
+    values = [float(x) for x in str(text).split(",")]
+  except ValueError:
+    raise ValueError(f"{flag} {text!r} must be comma-separated numbers") from None
+  bad = [v for v in values if not 0.0 <= v <= 1.0]
+  if bad:
+    raise ValueError(f"{flag} {text!r}: fractions must be in [0, 1], got {bad[0]}")
+  return sorted(set(values))
 
 
 def _int_list(flag: str, text) -> list[int]:
@@ -257,7 +286,7 @@ def run_method(model, bc: BenchConfig, method: str, agents: int, *, quality: boo
   policy = reuse_policy(bc, method)
   sess = RoundSession(params, cfg, method=method, policy=policy, cache_cfg=cache_cfg,
                       quality=quality)
-  clock, outputs, rows = CompileClock.get(), [], []
+  clock, outputs, rows, prompts = CompileClock.get(), [], [], []
   start = time.perf_counter()
   try:
     for r in range(bc.rounds):
@@ -265,10 +294,14 @@ def run_method(model, bc: BenchConfig, method: str, agents: int, *, quality: boo
       t0 = time.perf_counter()
       res = sess.run_round(rnd)
       outputs.append({wl.agents.index(a): ids for a, ids in res.outputs.items()})
+      prompts.append({p.agent_id: p.tokens for p in rnd.prompts})
       row = res.to_json()
       row["private_share"] = _private_share(rnd)
       row["prefill_compile_seconds"] = clock.within(t0, t0 + res.prefill_seconds)
       row["round_compile_seconds"] = clock.within(t0, t0 + res.round_seconds)
+      for phase in ("check", "recompute"):
+        row[f"{phase}_compile_seconds"] = sum(clock.within(a, b) for name, a, b in sess.timeline
+                                              if name == phase)
       rows.append(row)
   finally:
     sess.close()
@@ -279,7 +312,8 @@ def run_method(model, bc: BenchConfig, method: str, agents: int, *, quality: boo
           "policy": dataclasses.asdict(policy),
           "recompute": bc.recompute, "num_pages": pages, "page_size": bc.page_size,
           "bytes_per_page": cache_cfg.bytes_per_page(cfg), "quality": quality,
-          "seconds": time.perf_counter() - start, "leaked_pages": leaked, "rounds": rows}
+          "seconds": time.perf_counter() - start, "leaked_pages": leaked, "rounds": rows,
+          "prompts": prompts}
 
 
 def reuse_policy(bc: BenchConfig, method: str):
@@ -357,12 +391,28 @@ def _point(res: dict, ref: dict | None) -> dict:
                              "master_prefill_seconds"))
   p["other_seconds"] = max(p["prefill_seconds"] - parts, 0.0)  # the parts include compile
   p["num_pages"], p["rounds"] = res["num_pages"], len(res["rounds"])
+  p.update(arithmetic(res))
   p["per_round"] = [_round_row(r) for r in res["rounds"]]
   if ref is not None and ref is not res:
     p["trace_match"] = trace_match(ref, res)
   elif ref is res:
     p["trace_match"] = 1.0
   return p
+
+
+def arithmetic(res: dict) -> dict:
+  """Model FLOPs of the check and recompute steps over rounds >= 1, their seconds without
+  the compile seconds inside those steps, and the achieved GFLOP/s."""
+  rows = [r for r in res["rounds"] if r["round"] >= 1] or res["rounds"]
+  out = {}
+  for phase, flops_key in (("check", "check_flops"), ("recompute", "computed_flops")):
+    flops = sum(r["stats"].get(flops_key, 0.0) for r in rows)
+    net = sum(max(r["stats"][f"{phase}_seconds"] - r.get(f"{phase}_compile_seconds", 0.0), 0.0)
+              for r in rows)
+    out[f"{phase}_gflop"] = flops / 1e9 / len(rows)
+    out[f"{phase}_seconds_net"] = net / len(rows)
+    out[f"{phase}_gflops_per_s"] = flops / net / 1e9 if net > 0 and flops > 0 else None
+  return out
 
 
 def _round_row(r: dict) -> dict:
@@ -375,6 +425,53 @@ def _round_row(r: dict) -> dict:
   if "quality" in r:
     out["quality"] = r["quality"]
   return out
+
+
+def forced_top1(model, res: dict) -> dict:
+  """Teacher-forced greedy agreement with full recompute, over every round.
+
+  For every agent, the prompt plus the tokens the method generated go through
+  `model.dense_forward` (an unpaged full prefill); at each output position the
+  dense argmax is compared with the token the method picked greedily. One
+  sample per output token (agents x tokens per round), where the next-token
+  top-1 has one per agent. Also the first token alone (`first_top1`).
+  """
+  params, cfg, _ = model
+  agree = total = first = firsts = 0
+  for row, prompts in zip(res["rounds"], res["prompts"], strict=True):
+    for agent, ids in row["outputs"].items():
+      if not ids:
+        continue
+      n = len(prompts[agent])
+      pred = _dense_argmax(params, list(prompts[agent]) + list(ids), cfg)[n - 1:n - 1 + len(ids)]
+      hits = pred == np.asarray(ids)
+      agree, total = agree + int(hits.sum()), total + len(ids)
+      first, firsts = first + int(hits[0]), firsts + 1
+  return dict(forced_top1=agree / total if total else None, forced_tokens=total,
+              first_top1=first / firsts if firsts else None)
+
+
+def _dense_argmax(params, tokens: list[int], cfg) -> np.ndarray:
+  import jax.numpy as jnp
+
+  t = -(-len(tokens) // 256) * 256  # causal: padding at the end changes no earlier logit
+  padded = jnp.asarray(np.pad(np.asarray(tokens, np.int32), (0, t - len(tokens))))
+  return np.asarray(_argmax_jit(params, padded, cfg=cfg))[:len(tokens)]
+
+
+@functools.cache
+def _argmax_fn():
+  import jax
+  import jax.numpy as jnp
+
+  from tokendance_jax import model as model_lib
+
+  return jax.jit(lambda params, tokens, cfg: jnp.argmax(
+      model_lib.dense_forward(params, tokens, cfg=cfg), axis=-1), static_argnames=("cfg",))
+
+
+def _argmax_jit(params, tokens, *, cfg):
+  return _argmax_fn()(params, tokens, cfg=cfg)
 
 
 def trace_match(ref: dict, res: dict) -> float:
@@ -417,6 +514,59 @@ def run_sweep(model, bc: BenchConfig, log) -> list[dict]:
     points.append(p)
     log(p, _line(p))
   return points
+
+
+def run_fraction_sweep(model, bc: BenchConfig, log) -> list[dict]:
+  """sweep: every (selection, recompute fraction) of the swept methods against `full` (quality)
+  and `prefix` (storage), per agent count. Each point has both storage ratios, the private
+  share and computed fraction that bound them, and every quality measure."""
+  swept = [m for m, _ in bc.methods if m not in ("full", "prefix")] or ["tokendance"]
+  points = []
+  for n in bc.agents:
+    ref = run_method(model, bc, "full", n, quality=False, num_pages=bc.num_pages)
+    p = dict(_point(ref, ref), kind="reference", **forced_top1(model, ref))
+    points.append(p)
+    log(p, _line(p))
+    base = _point(run_method(model, bc, "prefix", n, quality=False, num_pages=bc.num_pages), ref)
+    base["kind"] = "baseline"
+    points.append(base)
+    log(base, _line(base))
+    for method in swept:
+      for select in (bc.selects if method != "epic" else ["epic"]):
+        for f in bc.fractions:
+          b = dataclasses.replace(bc, select="block" if select == "epic" else select, recompute=f)
+          res = run_method(model, b, method, n, quality=True, num_pages=bc.num_pages)
+          p = dict(_point(res, ref), kind="sweep", **forced_top1(model, res))
+          p["select"] = res["select"]
+          for key, name in (("shared_kv_bytes_per_agent", "shared_kv_vs_prefix"),
+                            ("kv_bytes_per_agent", "whole_kv_vs_prefix")):
+            p[name] = base[key] / p[key] if p[key] > 0 else None
+          points.append(p)
+          log(p, _line(p) + f", forced top-1 {p['forced_top1']:.3f}")
+  return points
+
+
+def quality_bar(points: list[dict], bar: float) -> dict:
+  """sweep: per (method, selection, agents), the lowest recompute fraction whose forced
+  top-1 holds `bar`, with the storage ratios there; None where no fraction held it."""
+  out = {}
+  groups = {}
+  for p in points:
+    if p["kind"] == "sweep":
+      groups.setdefault(f"{p['method']}/{p['select']}/{p['agents']}", []).append(p)
+  for key, ps in groups.items():
+    ok = sorted((p for p in ps if (p.get("forced_top1") or 0.0) >= bar),
+                key=lambda p: p["recompute"])
+    best = ok[0] if ok else None
+    out[key] = dict(
+        bar=bar, recompute=best["recompute"] if best else None,
+        computed_fraction=best["computed_fraction"] if best else None,
+        shared_kv_vs_prefix=best["shared_kv_vs_prefix"] if best else None,
+        whole_kv_vs_prefix=best["whole_kv_vs_prefix"] if best else None,
+        private_share=ps[0]["private_share"],
+        tried=sorted(p["recompute"] for p in ps),
+        forced_top1={str(p["recompute"]): p["forced_top1"] for p in ps})
+  return out
 
 
 def run_capacity(model, bc: BenchConfig, log) -> tuple[list[dict], dict]:
@@ -585,8 +735,11 @@ def run(bc: BenchConfig, progress: bool = True, checkpoint=None) -> dict:
                 slo_note=f"default {SLO_SECONDS:g} s: the paper's 1.5 s A100 round SLO in this "
                          "machine's terms (~15k prompt tokens of full prefill at ~500 tokens/s on "
                          "2 CPU cores); a round counts without its compile seconds")
+  peak = matmul_peak() if bc.experiment == "prefill" else None
   done: list[dict] = []
-  total = None if bc.experiment == "capacity" else len(_plan(bc))
+  total = (None if bc.experiment == "capacity" else len(_plan(bc)) if bc.experiment != "sweep"
+           else len(bc.agents) * (2 + len(bc.selects) * len(bc.fractions)
+                                  * len([m for m, _ in bc.methods if m not in ("full", "prefix")])))
   with tqdm(total=total, disable=not progress, unit="run", desc=f"bench {bc.experiment}") as bar:
 
     def log(point: dict, line: str) -> None:
@@ -600,13 +753,63 @@ def run(bc: BenchConfig, progress: bool = True, checkpoint=None) -> dict:
     if bc.experiment == "capacity":
       points, capacity = run_capacity(model, bc, log)
       points += quality_points(model, bc, log)
+    elif bc.experiment == "sweep":
+      points = run_fraction_sweep(model, bc, log)
     else:
       points = run_sweep(model, bc, log)
   out = dict(head, seconds=time.perf_counter() - start, points=points,
              ratios=ratios(bc.experiment, points, capacity))
   if capacity is not None:
     out["capacity"] = capacity
+  if bc.experiment == "sweep":
+    out["quality_bar"] = bar = quality_bar(points, TARGETS["top1_vs_full"][0])
+    for key, b in bar.items():
+      for name in ("shared_kv_vs_prefix", "whole_kv_vs_prefix"):
+        if b[name] is not None and key.startswith("tokendance/block/"):
+          r = out["ratios"][name]
+          n = int(key.rsplit("/", 1)[1])
+          if r["agents"] is None or n > r["agents"]:
+            r.update(measured=b[name], agents=n, recompute=b["recompute"],
+                     note=f"at the lowest recompute ({b['recompute']:g}) whose forced top-1 "
+                          f"holds {b['bar']}; target stated for >= 64 agents")
+  if bc.experiment == "prefill":
+    out["matmul_peak"] = peak
+    out["matmul_peak"]["after"] = matmul_peak()
+    best = max(out["matmul_peak"]["gflops_per_s"], out["matmul_peak"]["after"]["gflops_per_s"])
+    for p in points:
+      for phase in ("check", "recompute"):
+        v = p.get(f"{phase}_gflops_per_s")
+        p[f"{phase}_fraction_of_peak"] = v / best if v else None
+    td = [p for p in points if p["method"] == "tokendance" and p.get("recompute_gflops_per_s")]
+    if td:
+      p = max(td, key=lambda p: p["agents"])
+      out["ratios"]["recompute_fraction_of_peak"] = dict(
+          target=None, experiment="prefill", measured=p["recompute_fraction_of_peak"],
+          agents=p["agents"], met=None, gflops_per_s=p["recompute_gflops_per_s"],
+          peak_gflops_per_s=best)
   return out
+
+
+def matmul_peak(repeats: int = 5) -> dict:
+  """This machine's float32 matmul GFLOP/s, measured now (best of `repeats` per shape): the
+  model's own MLP shape at a 4096-token step and a square 2048 matmul."""
+  import jax
+  import jax.numpy as jnp
+
+  shapes = {"mlp_4096x576x1536": (4096, 576, 1536), "square_2048": (2048, 2048, 2048)}
+  rates = {}
+  for name, (m, k, n) in shapes.items():
+    a = jax.random.normal(jax.random.key(0), (m, k), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32)
+    f = jax.jit(jnp.matmul)
+    f(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      f(a, b).block_until_ready()
+      best = min(best, time.perf_counter() - t0)
+    rates[name] = 2 * m * k * n / best / 1e9
+  return dict(gflops_per_s=max(rates.values()), by_shape=rates)
 
 
 @functools.cache
@@ -645,8 +848,8 @@ def plot(result: dict, path: str) -> None:
 
   pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
   fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-  {"storage": _plot_storage, "prefill": _plot_prefill,
-   "capacity": _plot_capacity}[result["experiment"]](result, axes)
+  {"storage": _plot_storage, "prefill": _plot_prefill, "capacity": _plot_capacity,
+   "sweep": _plot_sweep}[result["experiment"]](result, axes)
   c = result["config"]
   fig.suptitle(f"{result['model']}: {result['experiment']}, {c['preset']}, {c['rounds']} rounds, "
                f"select {c['select']} r={c['recompute']} ({result['backend']})")
@@ -744,3 +947,26 @@ def _plot_capacity(result, axes):
   axes[2].set_xlabel("agents")
   axes[2].set_title("KV per agent (MiB) in the trials")
   axes[2].legend(fontsize=7)
+
+
+def _plot_sweep(result, axes):
+  pts = [p for p in result["points"] if p["kind"] == "sweep"]
+  groups = sorted({(p["method"], p["select"], p["agents"]) for p in pts})
+  for m, sel, n in groups:
+    g = sorted((p for p in pts if (p["method"], p["select"], p["agents"]) == (m, sel, n)),
+               key=lambda p: p["recompute"])
+    label = f"{m} {sel}, {n} agents"
+    xs = [p["recompute"] for p in g]
+    axes[0].plot(xs, [p["forced_top1"] for p in g], "o-", label=label)
+    axes[1].plot(xs, [max(p.get("mean_kl", 0.0), 1e-9) for p in g], "o-", label=label)
+    line, = axes[2].plot(xs, [p["shared_kv_vs_prefix"] for p in g], "o-", label=f"{label}: shared")
+    axes[2].plot(xs, [p["whole_kv_vs_prefix"] for p in g], "s--", color=line.get_color(),
+                 label=f"{label}: whole")
+  axes[0].axhline(TARGETS["top1_vs_full"][0], ls="--", color="gray", label="quality bar")
+  axes[0].set_title("forced top-1 vs full (every output token)")
+  axes[1].set_yscale("log")
+  axes[1].set_title("mean next-token KL vs full")
+  axes[2].set_title("KV per agent: prefix / tokendance")
+  for ax in axes:
+    ax.set_xlabel("recompute fraction")
+    ax.legend(fontsize=7)

@@ -139,6 +139,9 @@ class RoundSession:
     self.round_index = 0
     self.known: dict[str, tuple[int, ...]] = {}  # key -> tokens of every shared segment seen
     self._scratch: model.KVCache | None = None
+    # (phase, t0, t1) perf_counter windows of the last round's prefill phases, for
+    # profiling (benchmarks attribute compile time and FLOPs to them)
+    self.timeline: list[tuple[str, float, float]] = []
 
   # -- public -------------------------------------------------------------------
 
@@ -158,8 +161,8 @@ class RoundSession:
     rnd = rnd.resolve(self.known)
     rnd.validate(self.cfg)
     self.known.update((k, s.tokens) for k, s in rnd.shared_segments().items())
-    stats = dict(master_prefill_seconds=0.0, check_seconds=0.0, copy_seconds=0.0,
-                 recompute_seconds=0.0, pages_copied=0)
+    stats = new_stats()
+    self.timeline = []
     start = time.perf_counter()
     if self.method in REUSE_METHODS:
       if not self.keep_masters:
@@ -184,7 +187,7 @@ class RoundSession:
     round_seconds = time.perf_counter() - start
     n = len(agents)
     quality = self._quality(rnd, logprobs) if self.quality and self.method != "full" else None
-    stats.update(_token_stats(agents), **dataclasses.asdict(fp),
+    stats.update(_token_stats(agents, self.cfg), **dataclasses.asdict(fp),
                  masters=len(self.masters.masters), master_pages=self.masters.num_pages,
                  preemptions=self.engine.num_preemptions)
     if self.engine.mesh_plan is not None:
@@ -277,7 +280,7 @@ class RoundSession:
       self._prefill_standalone([anchor], None)  # position 0 in every prompt: exact
       missing = [s for s in missing if s.key != anchor.key]
     self._prefill_standalone(missing, anchor)
-    stats["master_prefill_seconds"] += _sync(self.engine.cache, t0)
+    self._phase(stats, "master_prefill", t0, _sync(self.engine.cache, t0))
 
   def _pin(self, keys) -> None:
     pages = [p for k in keys for p in self.masters.get(k).pages]
@@ -315,7 +318,10 @@ class RoundSession:
       for a in agents:
         a.recompute = np.arange(a.compute_from, len(a.tokens))
       chunks = [(a.table, a.tokens, a.recompute) for a in agents]
-      return self._run(chunks, want_logits=self.quality)
+      t0 = time.perf_counter()
+      out = self._run(chunks, want_logits=self.quality)
+      self._phase(stats, "recompute", t0, _sync(self.engine.cache, t0))
+      return out
     if self.method == "tokendance":
       return self._collect(agents, stats, collective=True)
     firsts, logps = [], []
@@ -335,21 +341,29 @@ class RoundSession:
           src.append(self._master_page(a, b))
           dst.append(a.table.pages[b])
       self._copy(src, dst)
-      stats["copy_seconds"] += _sync(self.engine.cache, t0)
+      self._phase(stats, "copy", t0, _sync(self.engine.cache, t0))
       stats["pages_copied"] += len(src)
     t0 = time.perf_counter()
     selected = self._select(agents)
-    stats["check_seconds"] += time.perf_counter() - t0
+    self._phase(stats, "check", t0, time.perf_counter() - t0)
+    if self.policy.select != "epic":
+      stats["check_flops"] += sum(self.cfg.prefill_flops(np.arange(len(a.tokens)),
+                                                         layers=self.policy.check_layer + 1)
+                                  for a in agents)
     if collective:
       t0 = time.perf_counter()
       stats["pages_copied"] += self._copy_on_write(agents, selected)
-      stats["copy_seconds"] += _sync(self.engine.cache, t0)
+      self._phase(stats, "copy", t0, _sync(self.engine.cache, t0))
     t0 = time.perf_counter()
     for a, sel in zip(agents, selected, strict=True):
       a.recompute = np.flatnonzero(sel | ~a.shared_mask)
     out = self._run([(a.table, a.tokens, a.recompute) for a in agents], want_logits=self.quality)
-    stats["recompute_seconds"] += _sync(self.engine.cache, t0)
+    self._phase(stats, "recompute", t0, _sync(self.engine.cache, t0))
     return out
+
+  def _phase(self, stats: dict, name: str, t0: float, seconds: float) -> None:
+    stats[f"{name}_seconds"] += seconds
+    self.timeline.append((name, t0, t0 + seconds))
 
   def _master_page(self, a: AgentState, block: int) -> int:
     for _, b0, seg in a.seg_spans:
@@ -625,11 +639,19 @@ def _strip_stop(a: AgentState) -> list[int]:
   return out
 
 
-def _token_stats(agents: list[AgentState]) -> dict:
+def new_stats() -> dict:
+  """A round's prefill counters, all zero."""
+  return dict(master_prefill_seconds=0.0, check_seconds=0.0, copy_seconds=0.0,
+              recompute_seconds=0.0, pages_copied=0, check_flops=0.0)
+
+
+def _token_stats(agents: list[AgentState], cfg: ModelConfig) -> dict:
   prompt = sum(a.num_prompt for a in agents)
-  recomputed = sum(len(a.recompute) for a in agents if a.recompute is not None)
+  done = [a.recompute for a in agents if a.recompute is not None]
+  recomputed = sum(len(r) for r in done)
   return {"prompt_tokens": prompt, "computed_tokens": recomputed,
-          "computed_fraction": recomputed / max(prompt, 1)}
+          "computed_fraction": recomputed / max(prompt, 1),
+          "computed_flops": float(sum(cfg.prefill_flops(r) for r in done))}
 
 
 def _common_first(rnd: Round) -> Segment | None:
