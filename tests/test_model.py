@@ -11,6 +11,7 @@ from tokendance_jax import model
 from tokendance_jax.config import TINY, AttentionConfig, CacheConfig
 
 REF = AttentionConfig()
+CHUNKED = AttentionConfig(impl="chunked")  # the CPU default
 KERNEL = AttentionConfig(impl="pallas", interpret=True, block_q=4, pages_per_block=2)
 TOL = 5e-5
 
@@ -45,7 +46,7 @@ def tiny():
   return params, seqs
 
 
-@pytest.mark.parametrize("attn", [REF, KERNEL], ids=["reference", "kernel"])
+@pytest.mark.parametrize("attn", [REF, CHUNKED, KERNEL], ids=["reference", "chunked", "kernel"])
 def test_prefill_matches_dense(tiny, attn):
   params, seqs = tiny
   cc = CacheConfig(num_pages=32, page_size=8)
@@ -56,7 +57,7 @@ def test_prefill_matches_dense(tiny, attn):
     np.testing.assert_allclose(logits[i], dense, atol=TOL, rtol=TOL)
 
 
-@pytest.mark.parametrize("attn", [REF, KERNEL], ids=["reference", "kernel"])
+@pytest.mark.parametrize("attn", [REF, CHUNKED, KERNEL], ids=["reference", "chunked", "kernel"])
 def test_chunked_prefill_then_decode_matches_dense(tiny, attn):
   """Prefill a prefix, then the rest as a second chunk, then one decode step."""
   params, seqs = tiny
@@ -93,3 +94,10 @@ def test_gqa_ratio_one_and_bf16_cache(tiny):
                             cfg=cfg)
   dense = model.dense_forward(params, jnp.array(seqs[0], jnp.int32), cfg=cfg)[-1]
   np.testing.assert_allclose(logits[0], dense, atol=5e-2, rtol=5e-2)  # bf16 K/V storage
+
+
+def test_attention_impl_is_checked():
+  with pytest.raises(ValueError, match="impl='flash'; expected one of chunked, reference, pallas"):
+    AttentionConfig(impl="flash")
+  assert AttentionConfig.default_for_backend("cpu").impl == "chunked"
+  assert AttentionConfig.default_for_backend("gpu").impl == "pallas"
