@@ -268,3 +268,27 @@ def test_keep_masters_evicts_least_recently_used_only_under_pressure(params):
   assert res.stats["master_prefill_seconds"] == 0.0 and sess.masters.num_pages >= before
   sess.close()
   assert sess.allocator.num_used == 0
+
+
+def test_phases_are_timed_and_traced(params, tmp_path):
+  """Each round's prefill phases land in `timeline` and, under a trace, as named spans
+  whose XLA thunks `profiling.summarize` attributes to the jitted steps."""
+  from tokendance_jax import profiling
+
+  with profiling.trace(str(tmp_path)):
+    sess, results = run(params, "tokendance", rounds=2, quality=False)
+  names = {name for name, _, _ in sess.timeline}
+  assert {"master_prefill", "check", "copy", "recompute"} <= names
+  assert all(t1 >= t0 for _, t0, t1 in sess.timeline)
+  stats = results[-1].stats
+  assert 0 < stats["computed_flops"] and 0 < stats["check_flops"]
+  _, full = run(params, "full", rounds=1, quality=False)
+  prompts = Workload().round(0, None).prompts  # full computes every position of every prompt
+  assert full[0].stats["computed_flops"] == pytest.approx(
+      sum(CFG.prefill_flops(np.arange(p.num_tokens)) for p in prompts), rel=1e-12)
+  summary = profiling.summarize(str(tmp_path))
+  assert {"check", "recompute", "master_prefill"} <= set(summary)
+  rec = summary["recompute"]
+  assert rec["spans"] >= 2 and 0 < rec["thunk_seconds"]
+  assert any("model_step" in f for f in rec["by_function"])
+  assert any("check_deviation" in f for f in summary["check"]["by_function"])

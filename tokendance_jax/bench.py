@@ -115,6 +115,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--quality-agents", default=None,
                  help="agent counts where quality vs full is measured (default: the smallest)")
   p.add_argument("--no-quality", action="store_true", help="skip quality and the full reference")
+  p.add_argument("--profile", default=None, metavar="DIR",
+                 help="write a jax.profiler trace of the run to DIR (phases are named "
+                      "tokendance/check, /recompute, /copy, /master_prefill; open in Perfetto)")
   p.set_defaults(func=cmd_bench)
   return p
 
@@ -826,7 +829,14 @@ def cmd_bench(args) -> int:
   plot_path = pathlib.Path(args.plot or f"out/bench_{bc.experiment}.png")
   json_path.parent.mkdir(parents=True, exist_ok=True)
   save = lambda result: json_path.write_text(json.dumps(result, indent=1))  # noqa: E731
-  result = run(bc, checkpoint=save)
+  if args.profile:
+    from tokendance_jax import profiling
+
+    with profiling.trace(args.profile):
+      result = run(bc, checkpoint=save)
+    result["profile"] = dict(dir=args.profile, phases=profiling.summarize(args.profile))
+  else:
+    result = run(bc, checkpoint=save)
   save(result)
   plot(result, str(plot_path))
   for name, r in result["ratios"].items():

@@ -18,6 +18,7 @@ agent's block table at that agent's offset.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -274,13 +275,12 @@ class RoundSession:
     missing = [s for k, s in rnd.shared_segments().items() if k not in self.masters]
     if not missing:
       return
-    t0 = time.perf_counter()
-    anchor = _common_first(rnd) if self.policy.anchor else None
-    if anchor is not None and anchor.key not in self.masters:
-      self._prefill_standalone([anchor], None)  # position 0 in every prompt: exact
-      missing = [s for s in missing if s.key != anchor.key]
-    self._prefill_standalone(missing, anchor)
-    self._phase(stats, "master_prefill", t0, _sync(self.engine.cache, t0))
+    with self._phase(stats, "master_prefill"):
+      anchor = _common_first(rnd) if self.policy.anchor else None
+      if anchor is not None and anchor.key not in self.masters:
+        self._prefill_standalone([anchor], None)  # position 0 in every prompt: exact
+        missing = [s for s in missing if s.key != anchor.key]
+      self._prefill_standalone(missing, anchor)
 
   def _pin(self, keys) -> None:
     pages = [p for k in keys for p in self.masters.get(k).pages]
@@ -318,10 +318,8 @@ class RoundSession:
       for a in agents:
         a.recompute = np.arange(a.compute_from, len(a.tokens))
       chunks = [(a.table, a.tokens, a.recompute) for a in agents]
-      t0 = time.perf_counter()
-      out = self._run(chunks, want_logits=self.quality)
-      self._phase(stats, "recompute", t0, _sync(self.engine.cache, t0))
-      return out
+      with self._phase(stats, "recompute"):
+        return self._run(chunks, want_logits=self.quality)
     if self.method == "tokendance":
       return self._collect(agents, stats, collective=True)
     firsts, logps = [], []
@@ -334,36 +332,40 @@ class RoundSession:
   def _collect(self, agents: list[AgentState], stats: dict, collective: bool):
     """Reuse + selective recompute for a group of agents (all of them when collective)."""
     if not collective:
-      t0 = time.perf_counter()
-      src, dst = [], []
-      for a in agents:  # the request's own dense copy of every reused block
-        for b in sorted(a.shared_blocks()):
-          src.append(self._master_page(a, b))
-          dst.append(a.table.pages[b])
-      self._copy(src, dst)
-      self._phase(stats, "copy", t0, _sync(self.engine.cache, t0))
+      with self._phase(stats, "copy"):
+        src, dst = [], []
+        for a in agents:  # the request's own dense copy of every reused block
+          for b in sorted(a.shared_blocks()):
+            src.append(self._master_page(a, b))
+            dst.append(a.table.pages[b])
+        self._copy(src, dst)
       stats["pages_copied"] += len(src)
-    t0 = time.perf_counter()
-    selected = self._select(agents)
-    self._phase(stats, "check", t0, time.perf_counter() - t0)
+    with self._phase(stats, "check"):
+      selected = self._select(agents)  # ends in a host sync (the selection mask)
     if self.policy.select != "epic":
       stats["check_flops"] += sum(self.cfg.prefill_flops(np.arange(len(a.tokens)),
                                                          layers=self.policy.check_layer + 1)
                                   for a in agents)
     if collective:
-      t0 = time.perf_counter()
-      stats["pages_copied"] += self._copy_on_write(agents, selected)
-      self._phase(stats, "copy", t0, _sync(self.engine.cache, t0))
-    t0 = time.perf_counter()
-    for a, sel in zip(agents, selected, strict=True):
-      a.recompute = np.flatnonzero(sel | ~a.shared_mask)
-    out = self._run([(a.table, a.tokens, a.recompute) for a in agents], want_logits=self.quality)
-    self._phase(stats, "recompute", t0, _sync(self.engine.cache, t0))
-    return out
+      with self._phase(stats, "copy"):
+        stats["pages_copied"] += self._copy_on_write(agents, selected)
+    with self._phase(stats, "recompute"):
+      for a, sel in zip(agents, selected, strict=True):
+        a.recompute = np.flatnonzero(sel | ~a.shared_mask)
+      return self._run([(a.table, a.tokens, a.recompute) for a in agents],
+                       want_logits=self.quality)
 
-  def _phase(self, stats: dict, name: str, t0: float, seconds: float) -> None:
-    stats[f"{name}_seconds"] += seconds
-    self.timeline.append((name, t0, t0 + seconds))
+  @contextlib.contextmanager
+  def _phase(self, stats: dict, name: str):
+    """Time a prefill phase to the end of its device work: adds to stats[name_seconds],
+    appends to `timeline`, and names the span in `jax.profiler` traces."""
+    t0 = time.perf_counter()
+    with jax.profiler.TraceAnnotation(f"tokendance/{name}"):
+      yield
+      jax.block_until_ready(self.engine.cache)
+    t1 = time.perf_counter()
+    stats[f"{name}_seconds"] += t1 - t0
+    self.timeline.append((name, t0, t1))
 
   def _master_page(self, a: AgentState, block: int) -> int:
     for _, b0, seg in a.seg_spans:
@@ -659,11 +661,6 @@ def _common_first(rnd: Round) -> Segment | None:
   firsts = {p.segments[0].key for p in rnd.prompts}
   first = rnd.prompts[0].segments[0]
   return first if len(firsts) == 1 and first.shared else None
-
-
-def _sync(cache, t0: float) -> float:
-  jax.block_until_ready(cache)
-  return time.perf_counter() - t0
 
 
 def _progress(total: int, enabled: bool):
