@@ -20,6 +20,7 @@ import re
 
 PHASE_PREFIX = "tokendance/"
 CONTAINERS = ("while", "conditional", "call")
+TRACE_EVENT_CAP = 1_000_000
 
 
 @contextlib.contextmanager
@@ -48,9 +49,12 @@ def summarize(log_dir: str, top: int = 8) -> dict:
   summed over threads, so on several cores they can exceed the phase's wall
   seconds; the rest of a phase is host work, dispatch and compilation.
   `by_op` groups HLO op names by kind (`fusion.12` and `fusion.7` are both
-  `fusion`; `ynn_fusion` is a dot fused by XLA's CPU backend).
+  `fusion`; `ynn_fusion` is a dot fused by XLA's CPU backend). A trace
+  that hit the profiler's event cap covers only the start of the run:
+  `truncated` says so (profile a smaller run).
   """
   events = json.load(gzip.open(newest_trace(log_dir)))["traceEvents"]
+  truncated = len(events) >= TRACE_EVENT_CAP  # the profiler keeps the first ~1M events
   spans = [e for e in events if e.get("ph") == "X" and e["name"].startswith(PHASE_PREFIX)]
   # leaf thunks only: a while / conditional / call thunk's span contains its body's thunks
   thunks = [e for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {})
@@ -74,6 +78,7 @@ def summarize(log_dir: str, top: int = 8) -> dict:
   for s in out.values():
     for key in ("by_function", "by_op"):
       s[key] = dict(s[key].most_common(top))
+    s["truncated"] = truncated
   return out
 
 
