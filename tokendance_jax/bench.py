@@ -1,8 +1,9 @@
-"""`tokendance bench`: the storage, prefill and capacity experiments on the real model.
+"""`tokendance bench`: the storage, prefill, capacity and sweep experiments on the real model.
 
   tokendance bench storage  --json out/bench_storage.json  --plot out/bench_storage.png
   tokendance bench prefill  --agents 2,4,8,16 --json out/bench_prefill.json --plot ...
   tokendance bench capacity --num-pages 384 --slo-seconds 30 --json ... --plot ...
+  tokendance bench sweep    --agents 8 --fractions 0,0.15,0.3 --selects block,cacheblend ...
 
 - storage: per-agent KV bytes (whole, and the shared region) of every method as
   agents grow; ratio prefix / tokendance.
@@ -11,10 +12,17 @@
   prefill and the rest.
 - capacity: the most agents each method serves on a fixed page pool with every
   round inside a latency SLO and no preemption; ratio tokendance / prefix.
+- sweep: tokendance at every recompute fraction x selection (block-aligned or
+  token-level) against `full` (quality) and `prefix` (storage); the lowest
+  fraction whose forced top-1 holds 99% (`quality_bar`).
+
+prefill also counts the model FLOPs of the check and recompute steps and
+reports their GFLOP/s against a matmul peak measured in the same run;
+`--profile DIR` records a `jax.profiler` trace and summarizes it per phase.
 
 Every experiment also measures quality against `full` on a subset of points
-(next-token top-1 / KL per round, and greedy-trace token match over the
-rounds). Times exclude JAX tracing and compilation (a server compiles its
+(next-token top-1 / KL per round, greedy-trace token match over the rounds,
+and the sweep's forced top-1 over every output token). Times exclude JAX tracing and compilation (a server compiles its
 shape buckets once); the compile seconds are reported beside them.
 The JSON has "experiment", "model", "points" (each with "method" and
 "agents") and "ratios" (each target: measured, target, agents, met).
