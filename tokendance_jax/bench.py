@@ -22,7 +22,8 @@ reports their GFLOP/s against a matmul peak measured in the same run;
 
 Every experiment also measures quality against `full` on a subset of points
 (next-token top-1 / KL per round, greedy-trace token match over the rounds,
-and the sweep's forced top-1 over every output token). Times exclude JAX tracing and compilation (a server compiles its
+and the sweep's forced top-1 over every output token). Times exclude JAX
+tracing and compilation (a server compiles its
 shape buckets once); the compile seconds are reported beside them.
 The JSON has "experiment", "model", "points" (each with "method" and
 "agents") and "ratios" (each target: measured, target, agents, met).
@@ -467,11 +468,12 @@ def _dense_argmax(params, tokens: list[int], cfg) -> np.ndarray:
 
   t = -(-len(tokens) // 256) * 256  # causal: padding at the end changes no earlier logit
   padded = jnp.asarray(np.pad(np.asarray(tokens, np.int32), (0, t - len(tokens))))
-  return np.asarray(_argmax_jit(params, padded, cfg=cfg))[:len(tokens)]
+  return np.asarray(_argmax_fn()(params, padded, cfg=cfg))[:len(tokens)]
 
 
 @functools.cache
 def _argmax_fn():
+  """jit(argmax of dense_forward's logits), built once (jax is imported lazily here)."""
   import jax
   import jax.numpy as jnp
 
@@ -479,10 +481,6 @@ def _argmax_fn():
 
   return jax.jit(lambda params, tokens, cfg: jnp.argmax(
       model_lib.dense_forward(params, tokens, cfg=cfg), axis=-1), static_argnames=("cfg",))
-
-
-def _argmax_jit(params, tokens, *, cfg):
-  return _argmax_fn()(params, tokens, cfg=cfg)
 
 
 def trace_match(ref: dict, res: dict) -> float:
@@ -773,32 +771,43 @@ def run(bc: BenchConfig, progress: bool = True, checkpoint=None) -> dict:
   if capacity is not None:
     out["capacity"] = capacity
   if bc.experiment == "sweep":
-    out["quality_bar"] = bar = quality_bar(points, TARGETS["top1_vs_full"][0])
-    for key, b in bar.items():
-      for name in ("shared_kv_vs_prefix", "whole_kv_vs_prefix"):
-        if b[name] is not None and key.startswith("tokendance/block/"):
-          r = out["ratios"][name]
-          n = int(key.rsplit("/", 1)[1])
-          if r["agents"] is None or n > r["agents"]:
-            r.update(measured=b[name], agents=n, recompute=b["recompute"],
-                     note=f"at the lowest recompute ({b['recompute']:g}) whose forced top-1 "
-                          f"holds {b['bar']}; target stated for >= 64 agents")
+    out["quality_bar"] = quality_bar(points, TARGETS["top1_vs_full"][0])
+    _storage_at_quality_bar(out["ratios"], out["quality_bar"])
   if bc.experiment == "prefill":
-    out["matmul_peak"] = peak
-    out["matmul_peak"]["after"] = matmul_peak()
-    best = max(out["matmul_peak"]["gflops_per_s"], out["matmul_peak"]["after"]["gflops_per_s"])
-    for p in points:
-      for phase in ("check", "recompute"):
-        v = p.get(f"{phase}_gflops_per_s")
-        p[f"{phase}_fraction_of_peak"] = v / best if v else None
-    td = [p for p in points if p["method"] == "tokendance" and p.get("recompute_gflops_per_s")]
-    if td:
-      p = max(td, key=lambda p: p["agents"])
-      out["ratios"]["recompute_fraction_of_peak"] = dict(
-          target=None, experiment="prefill", measured=p["recompute_fraction_of_peak"],
-          agents=p["agents"], met=None, gflops_per_s=p["recompute_gflops_per_s"],
-          peak_gflops_per_s=best)
+    out["matmul_peak"] = dict(peak, after=matmul_peak())
+    _fractions_of_peak(out["ratios"], points, max(peak["gflops_per_s"],
+                                                   out["matmul_peak"]["after"]["gflops_per_s"]))
   return out
+
+
+def _storage_at_quality_bar(ratios_: dict, bar: dict) -> None:
+  """sweep: the storage ratios at the lowest block-selection fraction that holds the bar
+  (largest agent count), in place of the ratios' entries."""
+  for key, b in bar.items():
+    n = int(key.rsplit("/", 1)[1])
+    for name in ("shared_kv_vs_prefix", "whole_kv_vs_prefix"):
+      r = ratios_[name]
+      if (b[name] is not None and key.startswith("tokendance/block/")
+          and (r["agents"] is None or n > r["agents"])):
+        r.update(measured=b[name], agents=n, recompute=b["recompute"],
+                 note=f"at the lowest recompute ({b['recompute']:g}) whose forced top-1 holds "
+                      f"{b['bar']}; target stated for >= 64 agents")
+
+
+def _fractions_of_peak(ratios_: dict, points: list[dict], peak: float) -> None:
+  """prefill: each point's check / recompute GFLOP/s as a fraction of the same-run peak, and
+  tokendance's at its largest point as a ratio entry."""
+  for p in points:
+    for phase in ("check", "recompute"):
+      v = p.get(f"{phase}_gflops_per_s")
+      p[f"{phase}_fraction_of_peak"] = v / peak if v else None
+  td = [p for p in points if p["method"] == "tokendance" and p.get("recompute_gflops_per_s")]
+  if td:
+    p = max(td, key=lambda p: p["agents"])
+    ratios_["recompute_fraction_of_peak"] = dict(
+        target=None, experiment="prefill", measured=p["recompute_fraction_of_peak"],
+        agents=p["agents"], met=None, gflops_per_s=p["recompute_gflops_per_s"],
+        peak_gflops_per_s=peak)
 
 
 def matmul_peak(repeats: int = 5) -> dict:
