@@ -878,8 +878,11 @@ def plot(result: dict, path: str) -> None:
   {"storage": _plot_storage, "prefill": _plot_prefill, "capacity": _plot_capacity,
    "sweep": _plot_sweep}[result["experiment"]](result, axes)
   c = result["config"]
+  reuse = (f"select {c['select']} r={c['recompute']}" if result["experiment"] != "sweep" else
+           f"selects {','.join(c['selects'])}, r in {','.join(f'{f:g}' for f in c['fractions'])}")
+  order = f", order {c['order']}" if c.get("order") else ""
   fig.suptitle(f"{result['model']}: {result['experiment']}, {c['preset']}, {c['rounds']} rounds, "
-               f"select {c['select']} r={c['recompute']} ({result['backend']})")
+               f"{reuse}{order} ({result['backend']})")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
