@@ -97,7 +97,10 @@ def run(args):
                        tokens_per_s=tokens / sec, flops_per_s=flops / sec,
                        fraction_of_peak=flops / sec / peak, attention_seconds=attn_sec,
                        attention_share=attn_sec / sec, attention_flop_share=attn_flops / flops,
-                       rest_flops_per_s=(flops - attn_flops) / max(sec - attn_sec, 1e-9)))
+                       # attention alone pays a dispatch per layer: where it adds up to more
+                       # than the step (small decode steps), there is no rest to rate
+                       rest_flops_per_s=((flops - attn_flops) / (sec - attn_sec)
+                                         if attn_sec < sec else None)))
     print(f"{mode:9s} batch={rows:3d} tokens/seq={n:4d} ctx={ctx:4d}: "
           f"{tokens / sec:9.1f} tok/s  {flops / sec / 1e9:7.2f} GFLOP/s "
           f"({100 * flops / sec / peak:.1f}% of peak); attention {100 * attn_sec / sec:.0f}% "

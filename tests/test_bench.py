@@ -118,8 +118,23 @@ def test_sweep_quick(tmp_path):
   for p in sweep.values():
     assert p["shared_kv_vs_prefix"] > 0 and p["whole_kv_vs_prefix"] > 0
   bar = result["quality_bar"]["tokendance/block/2"]
-  holding = [f for f, p in sweep.items() if p["forced_top1"] >= 0.99]
-  assert bar["recompute"] == min(holding) and bar["tried"] == [0.0, 1.0]
+  expected = 0.0 if sweep[0.0]["forced_top1"] >= 0.99 else 1.0  # 1.0 always holds (exact)
+  assert bar["recompute"] == expected and bar["tried"] == [0.0, 1.0]
+  assert len(exact["forced_top1_by_round"]) == 2
+
+
+def test_quality_bar_needs_every_higher_fraction_to_hold():
+  from tokendance_jax import bench
+
+  def pt(r, top1):
+    return dict(kind="sweep", method="tokendance", select="block", agents=8, recompute=r,
+                forced_top1=top1, computed_fraction=r, shared_kv_vs_prefix=1 / (r + 0.1),
+                whole_kv_vs_prefix=1.0, private_share=0.2)
+
+  bar = bench.quality_bar([pt(0.05, 1.0), pt(0.15, 0.95), pt(0.3, 0.995), pt(0.5, 1.0)], 0.99)
+  assert bar["tokendance/block/8"]["recompute"] == 0.3  # the lone pass at 0.05 does not count
+  bar = bench.quality_bar([pt(0.3, 0.995), pt(0.5, 0.98)], 0.99)
+  assert bar["tokendance/block/8"]["recompute"] is None
 
 
 def test_forced_top1_counts_disagreements():
@@ -138,7 +153,8 @@ def test_forced_top1_counts_disagreements():
     out.append(int(bench._dense_argmax(params, prompt + out, TINY)[-1]))
   res = {"rounds": [{"round": 0, "outputs": {"a": out}}], "prompts": [{"a": prompt}]}
   got = bench.forced_top1((params, TINY, None), res)
-  assert got == {"forced_top1": 1.0, "forced_tokens": 6, "first_top1": 1.0}
+  assert got == {"forced_top1": 1.0, "forced_tokens": 6, "first_top1": 1.0,
+                 "forced_top1_by_round": [1.0]}
   flipped = out[:3] + [(out[3] + 1) % TINY.vocab_size] + out[4:]
   res["rounds"][0]["outputs"]["a"] = flipped
   got = bench.forced_top1((params, TINY, None), res)

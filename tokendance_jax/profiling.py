@@ -53,7 +53,8 @@ def summarize(log_dir: str, top: int = 8) -> dict:
   that hit the profiler's event cap covers only the start of the run:
   `truncated` says so (profile a smaller run).
   """
-  events = json.load(gzip.open(newest_trace(log_dir)))["traceEvents"]
+  with gzip.open(newest_trace(log_dir)) as f:
+    events = json.load(f)["traceEvents"]
   truncated = len(events) >= TRACE_EVENT_CAP  # the profiler keeps the first ~1M events
   spans = [e for e in events if e.get("ph") == "X" and e["name"].startswith(PHASE_PREFIX)]
   # leaf thunks only: a while / conditional / call thunk's span contains its body's thunks
