@@ -113,23 +113,11 @@ def run(args):
 
 def _attention_alone(cfg, cache, batch, attn, decode: bool):
   """One layer's paged attention on the step's own batch and cache, timed by itself."""
-  from tokendance_jax import kernels
-
-  fn = {"pallas": kernels.ragged_paged_attention,
-        "chunked": kernels.ragged_paged_attention_chunked,
-        "reference": kernels.ragged_paged_attention_reference}[attn.impl]
-  if decode:
-    fn = (kernels.paged_decode_attention if attn.impl == "pallas"
-          else kernels.paged_decode_attention_reference)
-  extra = {} if attn.impl != "pallas" else {"interpret": attn.interpret}
-  blocks = kernels.BlockSizes(block_q=attn.block_q, pages_per_block=attn.pages_per_block)
+  fn = model.attention_fn(attn, decode)
   q = jnp.ones((batch.tokens.shape[0], cfg.n_heads, cfg.head_dim), cache.k.dtype)
-  args = (q, cache.k, cache.v, batch.block_tables, batch.positions)
-  if not decode:
-    args += (batch.seq_ids,)
-  f = jax.jit(lambda *a: fn(*a, layer=jnp.int32(0), rope_theta=cfg.rope_theta,
-                            block_pos=batch.block_pos, block_len=batch.block_len,
-                            block_sizes=blocks, **extra))
+  args, kwargs = model.attention_args(q, cache.k, cache.v, jnp.int32(0), batch, cfg, attn,
+                                      decode)
+  f = jax.jit(lambda *a: fn(*a, **kwargs))
   return lambda: f(*args).block_until_ready()
 
 

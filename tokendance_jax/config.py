@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 
 IMPLS = ("chunked", "reference", "pallas")  # attention implementations
 
@@ -66,7 +68,7 @@ class ModelConfig:
     n = len(positions)
     if n == 0:
       return 0.0
-    keys = float(sum(int(p) + 1 for p in positions))
+    keys = float(np.sum(np.asarray(positions, np.int64)) + n)  # each attends to p + 1 keys
     frac = (self.n_layers if layers is None else layers) / self.n_layers
     return frac * (n * self.flops_per_token(0) + 4 * self.n_layers * self.n_heads * self.head_dim
                    * keys)

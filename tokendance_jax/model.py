@@ -124,23 +124,35 @@ def _write_kv(cache_k, cache_v, layer, k, v, batch: Batch):
   return cache_k, cache_v
 
 
-def _attention(q, cache_k, cache_v, layer, batch: Batch, cfg: ModelConfig,
-               attn: AttentionConfig, decode: bool):
-  """q: [t, h, e] un-rotated -> [t, h, e] via the paged kernels (or their references)."""
+def attention_fn(attn: AttentionConfig, decode: bool):
+  """The paged attention function `attn` selects (decode has no chunked path: the reference)."""
+  if decode:  # one token per sequence, token i belongs to row i
+    return (kernels.paged_decode_attention if attn.impl == "pallas"
+            else kernels.paged_decode_attention_reference)
+  return {"pallas": kernels.ragged_paged_attention,
+          "chunked": kernels.ragged_paged_attention_chunked,
+          "reference": kernels.ragged_paged_attention_reference}[attn.impl]
+
+
+def attention_args(q, cache_k, cache_v, layer, batch: Batch, cfg: ModelConfig,
+                   attn: AttentionConfig, decode: bool) -> tuple[tuple, dict]:
+  """(positional, keyword) arguments of `attention_fn(attn, decode)` for a batch."""
   block_sizes = kernels.BlockSizes(block_q=attn.block_q, pages_per_block=attn.pages_per_block)
   common = dict(layer=layer, rope_theta=cfg.rope_theta, block_sizes=block_sizes,
                 block_pos=batch.block_pos, block_len=batch.block_len)
   if attn.impl == "pallas":
     common["interpret"] = attn.interpret
   args = (q, cache_k, cache_v, batch.block_tables, batch.positions)
-  if decode:  # one token per sequence, token i belongs to row i
-    fn = (kernels.paged_decode_attention if attn.impl == "pallas"
-          else kernels.paged_decode_attention_reference)
-  else:
-    fn = {"pallas": kernels.ragged_paged_attention,
-          "chunked": kernels.ragged_paged_attention_chunked,
-          "reference": kernels.ragged_paged_attention_reference}[attn.impl]
+  if not decode:
     args += (batch.seq_ids,)
+  return args, common
+
+
+def _attention(q, cache_k, cache_v, layer, batch: Batch, cfg: ModelConfig,
+               attn: AttentionConfig, decode: bool):
+  """q: [t, h, e] un-rotated -> [t, h, e] via the paged kernels (or their references)."""
+  fn = attention_fn(attn, decode)
+  args, common = attention_args(q, cache_k, cache_v, layer, batch, cfg, attn, decode)
   plan = sharding.active_plan()  # set while a step runs on a mesh
   if plan is not None:
     return sharding.shard_attention(plan, fn, args, common, decode=decode)
