@@ -90,8 +90,12 @@ def test_capacity_quick(tmp_path):
     (["bench", "storage", "--preset", "smallville"], "--preset 'smallville' is not one of"),
     (["bench", "capacity", "--slo-seconds", "0"], "--slo-seconds 0.0 must be > 0"),
     (["bench", "storage", "--agents", "2,4", "--quality-agents", "3"], "3 is not in --agents"),
-    (["bench", "storage", "--output-masters", "cache"], "--output-masters 'cache' is not one of"),
-    (["bench", "sweep", "--fractions", "0.1,2"], "--fractions '0.1,2': fractions must be in [0, 1]"),
+    (["bench", "storage", "--masters", "cache"], "--masters 'cache' is not one of"),
+    (["bench", "storage", "--masters", "context,context"], "names a policy twice"),
+    (["bench", "storage", "--methods", "prefix:anchored"], "prefix makes no masters"),
+    (["bench", "sweep", "--taus", "0.1,-1"], "values must be >= 0"),
+    (["bench", "sweep", "--tau", "0.1"], "takes its thresholds from --taus"),
+    (["bench", "sweep", "--fractions", "0.1,2"], "--fractions '0.1,2': values must be in [0, 1]"),
     (["bench", "sweep", "--selects", "block,random"], "--selects 'random' is not one of"),
     (["bench", "sweep", "--no-quality"], "the sweep measures quality"),
 ])
@@ -123,11 +127,29 @@ def test_sweep_quick(tmp_path):
   assert len(exact["forced_top1_by_round"]) == 2
 
 
+def test_master_policies_expand_reuse_methods():
+  """--masters runs each reuse method once per policy: the first under its plain name."""
+  from tokendance_jax import bench
+
+  parser = cli.build_parser()
+  args = parser.parse_args(["bench", "storage", "--methods", "prefix,tokendance,cacheblend@8",
+                            "--masters", "context,anchored"])
+  bc = bench.config_from_args(args)
+  assert bc.methods == [("prefix", None), ("tokendance", None), ("tokendance:anchored", None),
+                        ("cacheblend", 8), ("cacheblend:anchored", 8)]
+  assert bench.reuse_policy(bc, "tokendance").masters == "context"
+  assert bench.reuse_policy(bc, "tokendance:anchored").masters == "anchored"
+  assert bench.split_label("cacheblend:anchored", bc) == ("cacheblend", "anchored")
+  args = parser.parse_args(["bench", "storage", "--methods", "tokendance,tokendance:decode"])
+  assert bench.config_from_args(args).methods == [("tokendance", None),
+                                                  ("tokendance:decode", None)]
+
+
 def test_quality_bar_needs_every_higher_fraction_to_hold():
   from tokendance_jax import bench
 
-  def pt(r, top1):
-    return dict(kind="sweep", method="tokendance", select="block", agents=8, recompute=r,
+  def pt(r, top1, tau=None, method="tokendance"):
+    return dict(kind="sweep", method=method, select="block", agents=8, recompute=r, tau=tau,
                 forced_top1=top1, computed_fraction=r, shared_kv_vs_prefix=1 / (r + 0.1),
                 whole_kv_vs_prefix=1.0, private_share=0.2)
 
@@ -135,6 +157,13 @@ def test_quality_bar_needs_every_higher_fraction_to_hold():
   assert bar["tokendance/block/8"]["recompute"] == 0.3  # the lone pass at 0.05 does not count
   bar = bench.quality_bar([pt(0.3, 0.995), pt(0.5, 0.98)], 0.99)
   assert bar["tokendance/block/8"]["recompute"] is None
+  # Threshold runs: the cheapest is the highest tau, and every lower tau must hold too.
+  bar = bench.quality_bar([pt(0.15, 1.0, tau=0.05), pt(0.15, 0.97, tau=0.1),
+                           pt(0.15, 0.995, tau=0.2), pt(0.15, 0.999, tau=0.02),
+                           pt(0.05, 0.999, method="tokendance:anchored")], 0.99)
+  assert bar["tokendance/block/8/tau"]["tau"] == 0.05
+  assert bar["tokendance/block/8/tau"]["tried"] == [0.02, 0.05, 0.1, 0.2]
+  assert bar["tokendance:anchored/block/8"]["recompute"] == 0.05
 
 
 def test_forced_top1_counts_disagreements():

@@ -68,10 +68,14 @@ def full_run(params):
 @pytest.mark.parametrize("method,select,extra", [
     ("prefix", "cacheblend", {}), ("cacheblend", "cacheblend", {}), ("epic", "epic", {}),
     ("tokendance", "cacheblend", {}), ("tokendance", "block", {}), ("tokendance", "epic", {}),
-    ("tokendance", "block", {"anchor": False, "output_masters": "decode"}),
-    ("cacheblend", "cacheblend", {"anchor": False, "output_masters": "decode"})])
+    ("tokendance", "block", {"masters": "anchored"}),
+    ("tokendance", "block", {"masters": "decode"}),
+    ("tokendance", "block", {"tau": 0.0}),
+    ("cacheblend", "cacheblend", {"masters": "decode"}),
+    ("cacheblend", "cacheblend", {"masters": "anchored"})])
 def test_recompute_one_equals_full(params, full_run, method, select, extra):
-  """Recompute fraction 1.0 (epic: k >= any block) must reproduce full recompute."""
+  """Recompute fraction 1.0 (epic: k >= any block) must reproduce full recompute, under every
+  master policy (context is the default) and in the threshold mode at tau 0."""
   policy = ReusePolicy(select=select, recompute=1.0, epic_k=10_000, **extra)
   sess, results = run(params, method, policy)
   for res, ref in zip(results, full_run, strict=True):
@@ -154,9 +158,9 @@ def test_prefix_cache_hits_the_shared_system_prompt(params):
 
 def test_reordered_shared_blocks_still_reuse(params):
   """Different orders per agent: masters serve any offset, prefix caching cannot."""
-  # Output masters from the authors' decode: random weights have no attention-sink structure
-  # for anchored prefills to fix, so this checks reuse at any offset on its own.
-  policy = ReusePolicy(recompute=0.2, anchor=False, output_masters="decode")
+  # Output masters from the authors' decode: each is computed at its author's own offset,
+  # so this checks reuse at any offset on its own.
+  policy = ReusePolicy(recompute=0.2, masters="decode")
   _, td = run(params, "tokendance", policy, order="random")
   assert td[-1].stats["computed_fraction"] < 0.9
   assert td[-1].quality["top1_agreement"] >= 0.5
@@ -216,28 +220,42 @@ def test_methods_listed():
   assert pages_needed(17, 8) == 3
 
 
-def test_anchored_masters_are_exact_after_the_common_prefix(params):
-  """A standalone master prefilled after the common system prompt is exactly the KV an agent
-  computes for it right after that prompt; prefilled alone from position 0 it is not."""
+def test_context_masters_are_exact_where_prompts_agree(params):
+  """Every prompt holds [system, news, doc_a, doc_b] then a private tail. Context masters
+  compute the whole shared run as one sequence, which is exactly what every agent computes
+  (outputs equal full at recompute 0); anchored masters are exact only for the segment right
+  after the system prompt, so doc_a and doc_b (computed without news before them) drift."""
   rng = np.random.default_rng(7)
-  system = Segment(tuple(rng.integers(3, CFG.vocab_size, 21)), True, "system")
-  news = Segment(tuple(rng.integers(3, CFG.vocab_size, 19)), True, "news")
+  shared = [Segment(tuple(rng.integers(3, CFG.vocab_size, n)), True, name)
+            for n, name in ((21, "system"), (19, "news"), (13, "doc_a"), (17, "doc_b"))]
   tails = [Segment(tuple(rng.integers(3, CFG.vocab_size, 4 + i)), False, "tail") for i in range(3)]
-  rnd = Round([AgentPrompt(f"a{i}", [system, news, t], max_tokens=5)
-               for i, t in enumerate(tails)])
+  rnd = Round([AgentPrompt(f"a{i}", [*shared, t], max_tokens=5) for i, t in enumerate(tails)])
   full = RoundSession(params, CFG, method="full", cache_cfg=POOL, quality=False).run_round(rnd)
   kl = {}
-  for anchor in (False, True):
-    policy = ReusePolicy(select="cacheblend", recompute=0.0, anchor=anchor)
+  for masters in ("context", "anchored"):
+    policy = ReusePolicy(select="cacheblend", recompute=0.0, masters=masters)
     sess = RoundSession(params, CFG, method="tokendance", policy=policy, cache_cfg=POOL)
     res = sess.run_round(rnd)
-    kl[anchor] = res.quality["max_kl"]
-    if anchor:
+    kl[masters] = res.quality["max_kl"]
+    assert res.stats["computed_fraction"] < 0.3  # only the private tails were computed
+    assert res.stats["master_tokens"] == sum(len(s) for s in shared)
+    if masters == "context":
       assert res.outputs == full.outputs
-      assert res.stats["computed_fraction"] < 0.3  # only the private tails were computed
     sess.close()
     assert sess.allocator.num_used == 0
-  assert kl[True] < 1e-6 < kl[False]
+  assert kl["context"] < 1e-6 < kl["anchored"]
+
+
+def test_context_masters_read_earlier_masters_and_compute_only_new_segments(params):
+  """Round 2 of a session: the system prompt already has its master; only round 1's outputs
+  are computed, in one sequence that reads the system master as context."""
+  policy = ReusePolicy(select="block", recompute=0.0)
+  sess, results = run(params, "tokendance", policy, rounds=2, quality=False)
+  new_outputs = sum(len(ids) for ids in results[0].outputs.values())
+  assert results[1].stats["master_tokens"] == new_outputs
+  assert all(m.source == "context" for m in sess.masters.masters.values())
+  sess.close()
+  assert sess.allocator.num_used == 0
 
 
 def test_keep_masters_evicts_least_recently_used_only_under_pressure(params):

@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from tokendance_jax.rounds import MASTERS
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
@@ -64,8 +66,8 @@ def _round_config(args, method: str):
 
   return RoundRunConfig(method=method, preset=args.preset, agents=args.agents, rounds=args.rounds,
                         select=args.select, recompute=args.recompute,
-                        check_layer=args.check_layer, epic_k=args.epic_k, anchor=args.anchor,
-                        output_masters=args.output_masters, seed=args.seed,
+                        check_layer=args.check_layer, epic_k=args.epic_k, tau=args.tau,
+                        masters=args.masters, seed=args.seed,
                         order=args.order, max_tokens=args.max_tokens,
                         quality=not args.no_quality)
 
@@ -105,38 +107,8 @@ def cmd_round(args) -> int:
   return 0
 
 
-def cmd_demo(args) -> int:
-  """A multi-agent debate on the real model: tokendance beside prefix caching."""
-  from tokendance_jax.roundrun import run_rounds
-
-  params, cfg, tok, cache_cfg, attn = _model_and_pool(args)
-
-  def show(rnd, res):
-    print(f"\n=== round {res.round} ===")
-    for agent, ids in res.outputs.items():
-      text = " ".join(tok.decode(ids).split())
-      print(f"[{agent}] {text[:240]}")
-
-  results = {}
-  for method in ("tokendance", "prefix"):
-    print(f"\n##### {method} #####")
-    results[method] = run_rounds(params, cfg, tok, _round_config(args, method),
-                                 cache_cfg=cache_cfg, attn=attn, progress=True,
-                                 on_round=show if method == "tokendance" else None)
-  print("\nmethod      round  prefill_s  round_s  KV/agent_MiB  shared_KV/agent_MiB  pages  "
-        "computed  top1")
-  for method, res in results.items():
-    for row in res["rounds"]:
-      q = row.get("quality", {})
-      print(f"{method:11s} {row['round']:5d} {row['prefill_seconds']:10.2f} "
-            f"{row['round_seconds']:8.2f} {row['kv_bytes_per_agent'] / 2**20:13.2f} "
-            f"{row['shared_kv_bytes_per_agent'] / 2**20:20.2f} {row['pages_in_use']:6d} "
-            f"{100 * row['stats']['computed_fraction']:8.0f}% "
-            f"{q.get('top1_agreement', float('nan')):5.2f}")
-  return 0
-
-
-def _add_round_args(p: argparse.ArgumentParser, agents: int, rounds: int) -> None:
+def _add_round_args(p: argparse.ArgumentParser, agents: int, rounds: int,
+                    quality_flag: bool = True) -> None:
   p.add_argument("--preset", default="debate",
                  choices=["debate", "generative_agents", "agent_society"])
   p.add_argument("--agents", type=int, default=agents)
@@ -145,17 +117,19 @@ def _add_round_args(p: argparse.ArgumentParser, agents: int, rounds: int) -> Non
   p.add_argument("--recompute", type=float, default=0.15, help="fraction of shared tokens")
   p.add_argument("--check-layer", type=int, default=1)
   p.add_argument("--epic-k", type=int, default=16)
-  p.add_argument("--no-anchor", dest="anchor", action="store_false",
-                 help="prefill standalone masters alone from position 0, not after the common "
-                      "system prompt")
-  p.add_argument("--output-masters", default="prefill", choices=["decode", "prefill"],
-                 help="masters of agents' outputs: a prefill next round (default) or the "
-                      "author's own decode K/V (free, computed in the author's context)")
+  p.add_argument("--tau", type=float, default=None,
+                 help="threshold mode: recompute only what deviates more than TAU relative to "
+                      "the key norm at the check layer, capped by --recompute")
+  p.add_argument("--masters", default="context", choices=list(MASTERS),
+                 help="how masters are made: context (default; one prefill of the round's new "
+                      "shared segments in prompt order), anchored (each alone after the system "
+                      "prompt) or decode (outputs from their authors' decode K/V)")
   p.add_argument("--order", default=None,
                  choices=["canonical", "rotate_to_self", "random_per_agent"])
   p.add_argument("--max-tokens", type=int, default=None, help="override output lengths")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--no-quality", action="store_true", help="skip the full-recompute reference")
+  if quality_flag:
+    p.add_argument("--no-quality", action="store_true", help="skip the full-recompute reference")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,10 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
   serve_cli.add_parser(sub)
   bench.add_parser(sub)
 
-  d = sub.add_parser("demo", help="multi-agent debate on the real model, tokendance vs prefix")
-  _add_round_args(d, agents=4, rounds=3)
-  _add_model_args(d)
-  d.set_defaults(func=cmd_demo, max_tokens=40)
+  from tokendance_jax import demo
+
+  d = sub.add_parser("demo", help="a multi-agent round trip on the real model: tokendance beside "
+                                  "prefix caching and full recompute",
+                     description=demo.__doc__.split("\n\n")[0])
+  _add_round_args(d, agents=demo.DEFAULTS["agents"], rounds=demo.DEFAULTS["rounds"],
+                  quality_flag=False)
+  d.add_argument("--page-size", type=int, default=16)
+  d.set_defaults(func=demo.cmd_demo, **demo.DEFAULTS)
   return parser
 
 

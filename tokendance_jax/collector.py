@@ -53,7 +53,8 @@ def check_deviation(params, scratch: model.KVCache, reused_k, batch: model.Batch
     reuse_slots: [t] flat slot of each token's reused key in the main cache; -1 = not reused.
 
   Returns:
-    (deviation [t] float32, 0 where not reused or numerically exact; the scratch cache).
+    (deviation [t] float32, 0 where not reused or numerically exact; the squared norm
+    [t] float32 of each token's reused key, 0 where not reused; the scratch cache).
     A deviation below 1e-8 of the key's squared norm (relative L2 error 1e-4)
     counts as 0, so float noise (another batch shape, a sharded sum) cannot
     reorder ties between exact tokens (e.g. a system prompt at position 0).
@@ -64,31 +65,44 @@ def check_deviation(params, scratch: model.KVCache, reused_k, batch: model.Batch
   fresh = _gather_keys(scratch.k[check_layer], batch.slot_mapping)
   reused = _gather_keys(reused_k, reuse_slots)
   dev = jnp.sum(jnp.square(fresh - reused), axis=(1, 2))
-  exact = dev <= 1e-8 * jnp.sum(jnp.square(reused), axis=(1, 2))
-  return jnp.where((reuse_slots >= 0) & ~exact, dev, 0.0), scratch
+  norm = jnp.where(reuse_slots >= 0, jnp.sum(jnp.square(reused), axis=(1, 2)), 0.0)
+  exact = dev <= 1e-8 * norm
+  return jnp.where((reuse_slots >= 0) & ~exact, dev, 0.0), norm, scratch
 
 
 @functools.partial(jax.jit, static_argnames=("num_agents", "by_block"))
-def select_tokens(deviation, agent, block, candidate, budget, *, num_agents: int, by_block: bool):
+def select_tokens(deviation, norm, agent, block, candidate, budget, tau, *, num_agents: int,
+                  by_block: bool):
   """Per-agent top-`budget` of candidate tokens by deviation -> mask [t] bool.
 
   Args:
-    deviation: [t] float32.
+    deviation: [t] float32 squared key deviation (`check_deviation`).
+    norm: [t] float32 squared norm of each token's reused key.
     agent: [t] int32 agent of each token (padding: any, with candidate False).
     block: [t] int32 global id of the page block holding each token.
     candidate: [t] bool tokens eligible for selection (reused shared tokens).
-    budget: [num_agents] int32 tokens to recompute per agent.
+    budget: [num_agents] int32 tokens to recompute per agent (the cap).
+    tau: [] float32; < 0 takes every candidate up to the budget (fixed fraction). >= 0
+      takes only tokens (blocks: summed over the block) whose deviation exceeds tau
+      relative to the key norm, ||dk|| > tau ||k||, i.e. deviation > tau^2 norm.
     by_block: rank whole blocks by summed deviation and take blocks until the
       agent's budget is covered (block-aligned recompute, page-sparse mirrors).
   """
   t = deviation.shape[0]
+
+  def over(dev, nrm):
+    return (tau < 0) | (dev > jnp.square(tau) * nrm)
+
   if by_block:
     dev_b = jax.ops.segment_sum(jnp.where(candidate, deviation, 0.0), block, num_segments=t)
+    norm_b = jax.ops.segment_sum(jnp.where(candidate, norm, 0.0), block, num_segments=t)
     count_b = jax.ops.segment_sum(candidate.astype(jnp.int32), block, num_segments=t)
     agent_b = jax.ops.segment_max(jnp.where(candidate, agent, -1), block, num_segments=t)
-    chosen_b = _rank_select(dev_b, agent_b, count_b, count_b > 0, budget, num_agents)
+    eligible_b = (count_b > 0) & over(dev_b, norm_b)
+    chosen_b = _rank_select(dev_b, agent_b, count_b, eligible_b, budget, num_agents)
     return candidate & chosen_b[block]
-  return _rank_select(deviation, agent, jnp.ones_like(agent), candidate, budget, num_agents)
+  eligible = candidate & over(deviation, norm)
+  return _rank_select(deviation, agent, jnp.ones_like(agent), eligible, budget, num_agents)
 
 
 def _rank_select(score, owner, weight, eligible, budget, num_agents):

@@ -27,7 +27,7 @@ import numpy as np
 from tokendance_jax import model
 from tokendance_jax.diffstore import Master
 
-FORMAT = 1
+FORMAT = 2  # 2: ReusePolicy.masters and tau replace anchor and output_masters
 
 
 def _checksum(*arrays) -> str:

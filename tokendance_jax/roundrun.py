@@ -64,8 +64,8 @@ class RoundRunConfig:
   recompute: float = 0.15
   check_layer: int = 1
   epic_k: int = 16
-  anchor: bool = True
-  output_masters: str = "prefill"
+  tau: float | None = None
+  masters: str = "context"
   seed: int = 0
   order: str | None = None
   max_tokens: int | None = None  # override the workload's output caps
@@ -87,8 +87,7 @@ def run_rounds(params, cfg, tokenizer, rc: RoundRunConfig, *, cache_cfg, attn=No
   wl = workloads.Workload(workloads.preset(rc.preset, **overrides))
   builder = PromptBuilder(wl, tokenizer)
   policy = ReusePolicy(select=rc.select, recompute=rc.recompute, check_layer=rc.check_layer,
-                       epic_k=rc.epic_k, anchor=rc.anchor,
-                       output_masters=rc.output_masters)
+                       epic_k=rc.epic_k, tau=rc.tau, masters=rc.masters)
   sess = RoundSession(params, cfg, method=rc.method, policy=policy, cache_cfg=cache_cfg,
                       attn=attn, quality=rc.quality, mesh=mesh)
   outputs: list[dict[int, list[int]]] = []
@@ -102,7 +101,7 @@ def run_rounds(params, cfg, tokenizer, rc: RoundRunConfig, *, cache_cfg, attn=No
       by_index = {wl.agents.index(a): ids for a, ids in res.outputs.items()}
       outputs.append(by_index)
       row = res.to_json()
-      row["private_share"] = _private_share(rnd)
+      row["private_share"] = round_private_share(rnd)
       rounds.append(row)
       if on_round is not None:
         on_round(rnd, res)
@@ -116,7 +115,8 @@ def run_rounds(params, cfg, tokenizer, rc: RoundRunConfig, *, cache_cfg, attn=No
           "leaked_pages": sess.allocator.num_used, "rounds": rounds}
 
 
-def _private_share(rnd: Round) -> float:
+def round_private_share(rnd: Round) -> float:
+  """Private tokens / all prompt tokens of a round."""
   private = sum(len(s) for p in rnd.prompts for s in p.segments if not s.shared)
   return private / max(sum(p.num_tokens for p in rnd.prompts), 1)
 

@@ -17,6 +17,11 @@ from tokendance_jax.config import ModelConfig
 
 SHARED_MARK = "<|td:shared|>"
 PRIVATE_MARK = "<|td:private|>"
+# How masters are made (ReusePolicy.masters; see tokendance_jax.masters).
+MASTERS = ("context", "anchored", "decode")
+# The round methods (see tokendance_jax.session); the reuse methods make masters.
+METHODS = ("full", "prefix", "cacheblend", "epic", "tokendance")
+REUSE_METHODS = ("cacheblend", "epic", "tokendance")
 
 
 def segment_key(tokens) -> str:
@@ -157,31 +162,35 @@ def parse_text(text: str, encode) -> list[Segment]:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ReusePolicy:
-  """How shared blocks are reused: which tokens to recompute.
+  """How shared blocks are reused: where masters come from and which tokens to recompute.
 
   select: "cacheblend" (top `recompute` fraction of shared tokens by key
   deviation at `check_layer`), "block" (whole pages ranked by summed
   deviation), "epic" (the first `epic_k` tokens of each reused block).
   Private tokens are always recomputed.
 
-  anchor: prefill each standalone master (a shared segment no agent wrote:
-  headers, world state) as a continuation of the segment every prompt of the
-  round starts with (the system prompt), instead of alone from position 0,
-  where its first token would be computed as an attention sink.
+  tau: None (default) recomputes a fixed `recompute` fraction of each agent's
+  shared tokens. A number switches to the threshold mode: only tokens (or
+  pages, for "block") whose key deviation at the check layer exceeds `tau`
+  relative to the key's norm (||k_fresh - k_master|| > tau * ||k_master||)
+  are recomputed, highest first, capped at the `recompute` fraction; agents
+  whose masters are already close then recompute less.
 
-  output_masters: where the master of an agent's output comes from. "decode"
-  (free): the K/V the agent wrote while generating it, computed in the
-  author's own context. "prefill": a standalone prefill next round (after the
-  anchor when `anchor`), so readers reuse K/V computed in a reader-like
-  context; it costs one prefill of every output per round.
+  masters: how masters are made (see `tokendance_jax.masters`). "context"
+  (default): all of a round's shared segments without a master are prefilled
+  as one sequence, in the order most prompts hold them, after the masters
+  they follow. "anchored": each alone, right after the segment every prompt
+  starts with (the system prompt). "decode": as "anchored", but an agent's
+  output reuses the K/V its author wrote while decoding it (free, computed in
+  the author's own context).
   """
 
   select: str = "cacheblend"
   recompute: float = 0.15
   check_layer: int = 1
   epic_k: int = 16
-  anchor: bool = True
-  output_masters: str = "prefill"
+  tau: float | None = None
+  masters: str = "context"
 
   def __post_init__(self):
     if self.select not in ("cacheblend", "block", "epic"):
@@ -190,7 +199,13 @@ class ReusePolicy:
       raise ValueError(f"recompute={self.recompute!r}; must be in [0, 1]")
     if self.check_layer < 0:
       raise ValueError(f"check_layer={self.check_layer!r}; must be >= 0")
-    if self.output_masters not in ("decode", "prefill"):
-      raise ValueError(f"output_masters={self.output_masters!r}; expected decode or prefill")
+    if self.masters not in MASTERS:
+      raise ValueError(f"masters={self.masters!r}; expected one of {', '.join(MASTERS)}")
     if self.epic_k < 0:
       raise ValueError(f"epic_k={self.epic_k!r}; must be >= 0")
+    if self.tau is not None:
+      if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not (
+          0.0 <= self.tau < float("inf")):
+        raise ValueError(f"tau={self.tau!r}; must be a finite number >= 0 (or None)")
+      if self.select == "epic":
+        raise ValueError("tau: the threshold mode ranks by deviation; select epic has none")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from tokendance_jax.rounds import MASTERS
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
   """Add `serve` to an argparse subparsers object; returns the new parser."""
@@ -34,6 +36,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                  help="use the Pallas kernels on CPU too (interpret mode; slow)")
   p.add_argument("--num-pages", type=int, default=1024, help="pages in the engine's KV pool")
   p.add_argument("--page-size", type=int, default=16)
+  p.add_argument("--chat-masters", default="context", choices=list(MASTERS),
+                 help="how marked chat requests' shared spans become masters: context "
+                      "(default: the request's new spans in one prefill, in their order), "
+                      "anchored or decode")
   p.set_defaults(func=cmd_serve)
   return p
 
@@ -44,7 +50,8 @@ def server_kwargs(args) -> dict:
             num_pages=args.num_pages, page_size=args.page_size, max_batch=args.max_batch,
             force_kernel=args.force_kernel, log_level=args.log_level, api_key=args.api_key,
             max_queue=args.max_queue, session_pages=args.session_pages,
-            max_sessions=args.max_sessions, state_dir=args.state_dir)
+            max_sessions=args.max_sessions, state_dir=args.state_dir,
+            chat_masters=args.chat_masters)
   if args.model_name:
     kw["model_name"] = args.model_name
   return kw
@@ -55,7 +62,7 @@ def cmd_serve(args) -> int:
 
   kw = server_kwargs(args)
   config_keys = ("api_key", "max_queue", "session_pages", "max_sessions", "model_name",
-                 "state_dir")
+                 "state_dir", "chat_masters")
   ServerConfig(**{k: kw[k] for k in config_keys if k in kw})  # bad values fail before loading
   if not 0 < args.port < 65536:
     raise ValueError(f"--port {args.port} must be in 1..65535")

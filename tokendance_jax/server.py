@@ -75,6 +75,7 @@ class ServerConfig:
   chat_reuse_pages: int = 256
   chat_select: str = "block"
   chat_recompute: float = 0.15
+  chat_masters: str = "context"  # how masters of marked spans are made (ReusePolicy.masters)
 
   def __post_init__(self):
     if self.max_queue < 0 or self.session_pages < 2 or self.max_sessions < 0:
@@ -84,7 +85,8 @@ class ServerConfig:
       raise ValueError(f"snapshot_keep={self.snapshot_keep} must be >= 1")
     if self.chat_reuse_pages < 2:
       raise ValueError(f"chat_reuse_pages={self.chat_reuse_pages} must be >= 2")
-    ReusePolicy(select=self.chat_select, recompute=self.chat_recompute)  # checks both
+    ReusePolicy(select=self.chat_select, recompute=self.chat_recompute,
+                masters=self.chat_masters)  # checks all three
 
 
 class ApiError(Exception):
@@ -157,8 +159,8 @@ class SessionRequest(_Body):
   select: str = "block"
   recompute: float = 0.15
   check_layer: int = 1
-  anchor: bool = True
-  output_masters: str = "prefill"
+  tau: float | None = None
+  masters: str = "context"
   temperature: float = 0.0
   seed: int = 0
   max_tokens: int = 64
@@ -531,7 +533,8 @@ class Worker:
 
     if self._chat_rs is None:
       c, e = self.config, self.engine
-      policy = ReusePolicy(select=c.chat_select, recompute=c.chat_recompute, anchor=True)
+      policy = ReusePolicy(select=c.chat_select, recompute=c.chat_recompute,
+                           masters=c.chat_masters)
       self._chat_rs = RoundSession(e.params, e.cfg, method="tokendance", policy=policy,
                                    cache_cfg=self.session_cache_cfg(c.chat_reuse_pages),
                                    attn=e.attn, quality=False, keep_masters=True)
@@ -542,7 +545,7 @@ class Worker:
     stats = {k: res.stats[k] for k in ("prompt_tokens", "computed_tokens", "pages_copied")}
     stats["shared_tokens_prefilled"] = sum(  # new masters: shared text not seen before
         len(m.tokens) for k, m in rs.masters.masters.items()
-        if k not in known and m.source == "prefill")
+        if k not in known and m.source != "decode")
     stats["masters"] = len(rs.masters.masters)
     return res.outputs["chat"], stats
 
@@ -583,8 +586,7 @@ class RoundsSession:
     from tokendance_jax.session import RoundSession
 
     policy = ReusePolicy(select=body.select, recompute=body.recompute,
-                         check_layer=body.check_layer, anchor=body.anchor,
-                         output_masters=body.output_masters)
+                         check_layer=body.check_layer, tau=body.tau, masters=body.masters)
     sampling = SamplingParams(max_tokens=1, temperature=body.temperature, seed=body.seed)
     self.id, self.tok, self.cfg, self.body = session_id, tok, cfg, body
     self.method, self.policy = body.method, policy

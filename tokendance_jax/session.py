@@ -27,16 +27,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tokendance_jax import collector, diffstore, model, sampling, sharding
+from tokendance_jax import collector, diffstore, masters, model, sampling, sharding
 from tokendance_jax.config import AttentionConfig, CacheConfig, ModelConfig
 from tokendance_jax.engine import Engine, _model_step_logits, bucket, build_batch
 from tokendance_jax.paging import BlockTable, OutOfPages, pages_needed
 from tokendance_jax.prefix_cache import PrefixCache
-from tokendance_jax.rounds import ReusePolicy, Round, Segment
+from tokendance_jax.rounds import METHODS, REUSE_METHODS, ReusePolicy, Round, Segment
 from tokendance_jax.sampling import SamplingParams
 
-METHODS = ("full", "prefix", "cacheblend", "epic", "tokendance")
-REUSE_METHODS = ("cacheblend", "epic", "tokendance")
+__all__ = ["METHODS", "REUSE_METHODS", "AgentState", "RoundResult", "RoundSession",
+           "new_stats", "next_token_quality"]
 
 
 @dataclasses.dataclass
@@ -269,18 +269,55 @@ class RoundSession:
   # -- prefill --------------------------------------------------------------------
 
   def _prefill_masters(self, rnd: Round, stats: dict) -> None:
-    """Standalone prefill of shared segments without a master (system prompt, headers...)."""
+    """Masters for the round's shared segments that have none, per `policy.masters`."""
     if self.keep_masters:  # the round's masters must not be evicted while it runs
       self._pin([k for k in rnd.shared_segments() if k in self.masters])
     missing = [s for k, s in rnd.shared_segments().items() if k not in self.masters]
     if not missing:
       return
     with self._phase(stats, "master_prefill"):
-      anchor = _common_first(rnd) if self.policy.anchor else None
+      if self.policy.masters == "context":
+        for seq in masters.context_plan(rnd, self.masters.__contains__, self.cfg.max_seq_len):
+          stats["master_tokens"] += self._prefill_in_context(seq)
+        return
+      anchor = _common_first(rnd)
       if anchor is not None and anchor.key not in self.masters:
         self._prefill_standalone([anchor], None)  # position 0 in every prompt: exact
+        stats["master_tokens"] += len(anchor)
         missing = [s for s in missing if s.key != anchor.key]
       self._prefill_standalone(missing, anchor)
+      stats["master_tokens"] += sum(len(s) for s in missing)
+
+  def _prefill_in_context(self, seq: masters.MasterSequence) -> int:
+    """One prefill of `seq`: its computed segments become masters; returns tokens computed.
+
+    Segments that already have masters are listed through their pages and
+    read as context; the others get fresh pages. On failure every page taken
+    here is freed.
+    """
+    ps = self.cache_cfg.page_size
+    table, tokens, positions, made = BlockTable(ps), [], [], []
+    try:
+      for seg, compute in zip(seq.segments, seq.compute, strict=True):
+        if compute:
+          pages = self.allocator.alloc(pages_needed(len(seg), ps))
+          made.append((seg, len(table.pages), len(pages)))
+          positions.append(np.arange(len(tokens), len(tokens) + len(seg)))
+        else:
+          pages = list(self.masters.get(seg.key).pages)
+          self.allocator.share(pages)
+        table.append_segment(pages, len(seg))
+        tokens += seg.tokens
+      self._run([(table, tokens, np.concatenate(positions))], want_logits=False)
+      for seg, b0, n in made:
+        pages = table.pages[b0:b0 + n]
+        self.allocator.share(pages)  # the registry's reference
+        self.masters.add(seg.key, seg.tokens, pages, source="context")
+    finally:
+      table.release(self.allocator)
+    if self.keep_masters:
+      self._pin([seg.key for seg, _, _ in made])
+    return sum(len(seg) for seg, _, _ in made)
 
   def _pin(self, keys) -> None:
     pages = [p for k in keys for p in self.masters.get(k).pages]
@@ -382,7 +419,7 @@ class RoundSession:
     shared = [a.shared_mask for a in agents]
     if self.policy.select == "epic":
       return [self._epic(a, m) for a, m in zip(agents, shared, strict=True)]
-    dev = self._deviation(agents)  # [t] for the concatenated prompts
+    dev, norm = self._deviation(agents)  # [t] each, for the concatenated prompts
     agent_ids = np.concatenate([np.full(len(a.tokens), i) for i, a in enumerate(agents)])
     blocks = np.concatenate([self._block_ids(a) for a in agents])
     _, blocks = np.unique(agent_ids * (1 << 20) + blocks, return_inverse=True)
@@ -390,9 +427,10 @@ class RoundSession:
     t = bucket(len(candidate), 16)
     pad = lambda x, v=0: np.pad(x, (0, t - len(x)), constant_values=v)  # noqa: E731
     budget = np.array([self._budget(a) for a in agents], np.int32)
+    tau = -1.0 if self.policy.tau is None else float(self.policy.tau)
     mask = collector.select_tokens(
-        pad(dev), pad(agent_ids).astype(np.int32), pad(blocks).astype(np.int32),
-        pad(candidate, False), budget, num_agents=len(agents),
+        pad(dev), pad(norm), pad(agent_ids).astype(np.int32), pad(blocks).astype(np.int32),
+        pad(candidate, False), budget, np.float32(tau), num_agents=len(agents),
         by_block=self.policy.select == "block")
     mask = np.asarray(mask)[: len(candidate)]  # the one host sync of the collector
     return np.split(mask, np.cumsum([len(a.tokens) for a in agents])[:-1])
@@ -407,8 +445,9 @@ class RoundSession:
   def _block_ids(self, a: AgentState) -> np.ndarray:
     return a.table.slots(0, len(a.tokens)) // self.cache_cfg.page_size
 
-  def _deviation(self, agents: list[AgentState]) -> np.ndarray:
-    """Batched check: fresh vs reused keys at the check layer for every prompt token."""
+  def _deviation(self, agents: list[AgentState]) -> tuple[np.ndarray, np.ndarray]:
+    """Batched check at the check layer for every prompt token: (squared deviation of fresh
+    from reused keys, squared norm of the reused key), each [t]."""
     ps, layer = self.cache_cfg.page_size, self.policy.check_layer
     total_pages = sum(pages_needed(len(a.tokens), ps) for a in agents)
     scratch = self._scratch_cache(total_pages + 1)
@@ -419,7 +458,7 @@ class RoundSession:
       t.pages, t.starts, t.lens = list(range(nxt, nxt + n)), [j * ps for j in range(n)], [ps] * n
       tables.append(t)
       nxt += n
-    devs = []
+    devs, norms = [], []
     for group in self._token_groups(agents):
       batch, _ = build_batch([(tables[i], agents[i].tokens, np.arange(len(agents[i].tokens)))
                               for i in group])
@@ -433,12 +472,13 @@ class RoundSession:
       if self.engine.mesh_plan is not None:
         batch, = self.engine.place(batch)
         reuse = self.engine.mesh_plan.shard_tokens(reuse)
-      check = self.engine.jitted(collector.check_deviation, 1, self._scratch_sharding())
-      dev, scratch = check(self.params, scratch, self.engine.cache.k[layer], batch, reuse,
-                           cfg=self.cfg, attn=self.attn, check_layer=layer)
+      check = self.engine.jitted(collector.check_deviation, 2, self._scratch_sharding())
+      dev, norm, scratch = check(self.params, scratch, self.engine.cache.k[layer], batch, reuse,
+                                 cfg=self.cfg, attn=self.attn, check_layer=layer)
       devs.append(np.asarray(dev)[:cursor])
+      norms.append(np.asarray(norm)[:cursor])
     self._scratch = scratch
-    return np.concatenate(devs)
+    return np.concatenate(devs), np.concatenate(norms)
 
   def _token_groups(self, agents) -> list[list[int]]:
     """Agents grouped so each group's tokens fit one prefill batch (an agent is never split)."""
@@ -580,7 +620,7 @@ class RoundSession:
       self._run(pending, want_logits=False)
     for a in agents:
       out = outputs[a.agent_id]
-      if self.method in REUSE_METHODS and out and self.policy.output_masters == "decode":
+      if self.method in REUSE_METHODS and out and self.policy.masters == "decode":
         pages = diffstore.output_master_pages(a.table, a.num_prompt, len(out))
         if pages is not None:
           self.allocator.share(pages)
@@ -644,16 +684,23 @@ def _strip_stop(a: AgentState) -> list[int]:
 def new_stats() -> dict:
   """A round's prefill counters, all zero."""
   return dict(master_prefill_seconds=0.0, check_seconds=0.0, copy_seconds=0.0,
-              recompute_seconds=0.0, pages_copied=0, check_flops=0.0)
+              recompute_seconds=0.0, pages_copied=0, check_flops=0.0, master_tokens=0)
 
 
 def _token_stats(agents: list[AgentState], cfg: ModelConfig) -> dict:
+  """Tokens computed in the round, in all and per agent (reused shared tokens recomputed,
+  out of the agent's shared tokens)."""
   prompt = sum(a.num_prompt for a in agents)
   done = [a.recompute for a in agents if a.recompute is not None]
   recomputed = sum(len(r) for r in done)
+  shared = {a.agent_id: int(a.shared_mask.sum()) for a in agents}
+  shared_recomputed = {a.agent_id: int(a.shared_mask[a.recompute].sum()) for a in agents
+                       if a.recompute is not None}
   return {"prompt_tokens": prompt, "computed_tokens": recomputed,
           "computed_fraction": recomputed / max(prompt, 1),
-          "computed_flops": float(sum(cfg.prefill_flops(r) for r in done))}
+          "computed_flops": float(sum(cfg.prefill_flops(r) for r in done)),
+          "shared_tokens_per_agent": shared,
+          "shared_recomputed_per_agent": shared_recomputed}
 
 
 def _common_first(rnd: Round) -> Segment | None:
