@@ -183,12 +183,14 @@ def test_forced_top1_counts_disagreements():
   res = {"rounds": [{"round": 0, "outputs": {"a": out}}], "prompts": [{"a": prompt}]}
   got = bench.forced_top1((params, TINY, None), res)
   assert got == {"forced_top1": 1.0, "forced_tokens": 6, "first_top1": 1.0,
-                 "forced_top1_by_round": [1.0]}
+                 "forced_top1_by_round": [1.0], "outputs_reproduced": 1.0}
   flipped = out[:3] + [(out[3] + 1) % TINY.vocab_size] + out[4:]
   res["rounds"][0]["outputs"]["a"] = flipped
   got = bench.forced_top1((params, TINY, None), res)
   # position 3 misses; positions 4, 5 now follow another history and may or may not agree
   assert got["first_top1"] == 1.0 and got["forced_top1"] <= 5 / 6
+  assert got["outputs_reproduced"] == 0.0
+  assert bench.forced_top1((params, TINY, None), res, agents={"b"})["forced_tokens"] == 0
 
 
 def test_prefill_flops_match_the_matrix_shapes():

@@ -29,16 +29,41 @@ def full_outputs(real_params, tok):
   return [r["outputs"] for r in res["rounds"]]
 
 
-@pytest.mark.parametrize("method,select", [("tokendance", "block"), ("cacheblend", "cacheblend")])
+@pytest.mark.parametrize("method,select,masters", [
+    ("tokendance", "block", "context"), ("tokendance", "block", "anchored"),
+    ("tokendance", "block", "decode"), ("cacheblend", "cacheblend", "context")])
 def test_recompute_one_equals_full_on_the_real_model(real_params, tok, full_outputs, method,
-                                                     select):
+                                                     select, masters):
+  """Every master policy, at recompute 1.0, gives full recompute's outputs and logits."""
   params, cfg = real_params
-  rc = RoundRunConfig(method=method, select=select, recompute=1.0, **SMALL)
+  rc = RoundRunConfig(method=method, select=select, recompute=1.0, masters=masters, **SMALL)
   res = run_rounds(params, cfg, tok, rc, cache_cfg=CacheConfig(num_pages=256))
   assert [r["outputs"] for r in res["rounds"]] == full_outputs
   for r in res["rounds"]:
     assert r["quality"]["top1_agreement"] == 1.0 and r["quality"]["max_kl"] < 1e-4
   assert res["leaked_pages"] == 0
+
+
+SOCIETY = dict(preset="agent_society", agents=4, rounds=2, max_tokens=8)
+
+
+def test_context_masters_at_five_percent_keep_full_outputs_and_beat_anchored(real_params, tok):
+  """agent_society, 4 agents x 2 rounds, block selection at 5% recompute: context masters
+  reproduce full recompute's greedy outputs and have a lower round-1 KL than anchored
+  masters (standalone prefills after the system prompt), which drift."""
+  params, cfg = real_params
+  pool = CacheConfig(num_pages=512)
+  full = run_rounds(params, cfg, tok, RoundRunConfig(method="full", quality=False, **SOCIETY),
+                    cache_cfg=pool)
+  runs = {m: run_rounds(params, cfg, tok, RoundRunConfig(
+      method="tokendance", select="block", recompute=0.05, masters=m, **SOCIETY), cache_cfg=pool)
+      for m in ("context", "anchored")}
+  ctx, anc = runs["context"], runs["anchored"]
+  assert [r["outputs"] for r in ctx["rounds"]] == [r["outputs"] for r in full["rounds"]]
+  kl = {m: r["rounds"][1]["quality"]["mean_kl"] for m, r in runs.items()}
+  assert kl["context"] < 0.5 * kl["anchored"], kl
+  assert ctx["rounds"][1]["stats"]["computed_fraction"] < 0.5  # reuse really happened
+  assert ctx["leaked_pages"] == anc["leaked_pages"] == 0
 
 
 def test_round_cli_writes_the_contract_json(tmp_path):

@@ -301,6 +301,30 @@ def test_session_lifecycle_frees_pages(live):
   _assert_error(client.post(f"/v1/sessions/{sid}/rounds", json={}), 404)
   _assert_error(client.post("/v1/sessions", json={**SESSION, "agents": {}}), 400)
   _assert_error(client.post("/v1/sessions", json={**SESSION, "method": "magic"}), 400)
+  bad = client.post("/v1/sessions", json={**SESSION, "masters": "oracle"})
+  _assert_error(bad, 400)
+  assert "masters='oracle'" in bad.json()["error"]["message"]
+  _assert_error(client.post("/v1/sessions", json={**SESSION, "tau": -0.5}), 400)
+
+
+def test_session_takes_the_master_policy_and_threshold(live):
+  """masters= and tau= reach the session's ReusePolicy; context masters are the default."""
+  client, worker = live
+  made = {}
+  for extra in ({}, {"masters": "anchored", "tau": 0.1}, {"masters": "decode"}):
+    r = client.post("/v1/sessions", json={**SESSION, **extra})
+    assert r.status_code == 200, r.text
+    sid = r.json()["id"]
+    policy = worker.sessions[sid].rs.policy
+    made[extra.get("masters", "context")] = (policy.masters, policy.tau)
+    for k in range(2):
+      assert client.post(f"/v1/sessions/{sid}/rounds", json={"message": f"R{k}."}).status_code == 200
+    sources = {m.source for m in worker.sessions[sid].rs.masters.masters.values()}
+    expected = {"context": {"context"}, "anchored": {"prefill"}, "decode": {"prefill", "decode"}}
+    assert sources <= expected[policy.masters], sources
+    assert client.delete(f"/v1/sessions/{sid}").status_code == 200
+  assert made == {"context": ("context", None), "anchored": ("anchored", 0.1),
+                  "decode": ("decode", None)}
 
 
 async def _rounds(url: str, sid: str, messages: list[str]) -> list[dict]:

@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
   _add_round_args(d, agents=demo.DEFAULTS["agents"], rounds=demo.DEFAULTS["rounds"],
                   quality_flag=False)
   d.add_argument("--page-size", type=int, default=16)
+  d.add_argument("--eval-agents", type=int, help="agents whose outputs are teacher-forced "
+                 "against full recompute (default 8)")
   d.set_defaults(func=demo.cmd_demo, **demo.DEFAULTS)
   return parser
 
