@@ -12,10 +12,10 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tokendance_jax.kernels import tuning
 
 from tokendance_jax import kernels, model
 from tokendance_jax.config import TINY, AttentionConfig, default_cache_dtype
-from tokendance_jax.kernels import tuning
 
 H100, H200 = "NVIDIA H100 80GB HBM3", "NVIDIA H200"
 

@@ -13,6 +13,7 @@ import pytest
 
 from tokendance_jax import kernels
 
+
 def _ragged_args(t=5, heads=4, kv_heads=2, d=16, pages=6, ps=8, seqs=2, pps=3, layers=None):
   pool = (kv_heads, pages, ps, d) if layers is None else (layers, kv_heads, pages, ps, d)
   return dict(q=jnp.zeros((t, heads, d)), k_pages=jnp.zeros(pool), v_pages=jnp.zeros(pool),

@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tokendance_jax.kernels import tuning
 
 from tokendance_jax import kernels
-from tokendance_jax.kernels import tuning
 
 pytest.importorskip("jax.experimental.pallas.triton")
 
