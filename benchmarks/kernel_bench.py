@@ -288,6 +288,8 @@ def main(argv=None):
   parser.add_argument("--json", metavar="OUT", help="write every point here")
   parser.add_argument("--plot", metavar="PNG", help="write a matplotlib figure here")
   parser.add_argument("--quick", action="store_true", help="few small points (CPU, < 1 min)")
+  parser.add_argument("--smoke", action="store_true",
+                      help="one decode and one prefill point (gpu_check.sh --quick on CPU)")
   parser.add_argument("--shapes", choices=sorted(model_shapes.MODELS), default="smollm2")
   parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                       help="pool/query dtype (default: bfloat16 on GPU, float32 on CPU)")
@@ -306,9 +308,12 @@ def main(argv=None):
   device_tuning = kernels.tuning.for_device(device_kind)
   dtype = jnp.dtype(args.dtype or ("bfloat16" if on_gpu else "float32"))
   args.repeats = args.repeats or (5 if args.quick else 20)
+  args.quick = args.quick or args.smoke
   batches = QUICK_DECODE_BATCHES if args.quick else DECODE_BATCHES
   contexts = QUICK_DECODE_CONTEXTS if args.quick else DECODE_CONTEXTS
   prefill_sizes = QUICK_PREFILL_TOKENS if args.quick else PREFILL_TOKENS
+  if args.smoke:
+    batches, contexts, prefill_sizes = batches[-1:], contexts[:1], prefill_sizes[:1]
   rng = np.random.default_rng(args.seed)
   start = time.perf_counter()
 
@@ -333,6 +338,9 @@ def main(argv=None):
       continue
     point = run_point(kind, size, rng, dtype, args, on_gpu, device_tuning, shape)
     result["points"].append(point)
+    if args.json:  # after every point: a run stopped at its time limit keeps what it measured
+      with open(args.json, "w") as f:
+        json.dump(dict(result, partial=True), f, indent=1)
     where = f"B={size[0]:3d} ctx={size[1]:5d}" if kind == "decode" else f"T={size:5d}"
     line = f"{kind:8s}{where:20s} xla {point['xla_best_ms']:9.3f} ms " \
            f"ref {point['reference_gbps']:8.2f} GB/s {point['reference_tflops']:7.3f} TFLOP/s"

@@ -94,6 +94,11 @@ def run(args):
   params, cfg, label = load(args.model, args.dtype)
   peak = matmul_peak(jnp.dtype(args.dtype))
   points, start = [], time.perf_counter()
+  result = dict(benchmark="model", model=label, dtype=args.dtype,
+                backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
+                machine=platform.machine(), cpus=jax.device_count(), jax=jax.__version__,
+                attention=[attention(a).impl for a in args.attn], matmul_peak_flops=peak,
+                points=points)
   for impl in args.attn:
     attn = attention(impl)
     for mode, rows, n, ctx in _cases(args.cases):
@@ -101,11 +106,13 @@ def run(args):
         points.append(dict(mode=mode, batch=rows, attention=attn.impl, skipped="time budget"))
         continue
       points.append(_point(params, cfg, attn, mode, rows, n, ctx, args, peak))
-  return dict(benchmark="model", model=label, dtype=args.dtype,
-              backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
-              machine=platform.machine(), cpus=jax.device_count(), jax=jax.__version__,
-              attention=[attention(a).impl for a in args.attn], matmul_peak_flops=peak,
-              points=points)
+      _write(args.json, dict(result, partial=True))  # a run stopped at its limit keeps these
+  return result
+
+
+def _write(path: str, result: dict) -> None:
+  pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+  pathlib.Path(path).write_text(json.dumps(result, indent=2))
 
 
 def _point(params, cfg, attn, mode, rows, n, ctx, args, peak):
@@ -156,6 +163,8 @@ def _cases(which: str):
   if which == "quick":
     return [("prefill", 1, 64, 0), ("recompute", 2, 32, 96), ("decode", 1, 1, 64),
             ("decode", 4, 1, 64)]
+  if which == "smoke":  # gpu_check.sh --quick on CPU: one prefill, one decode
+    return [("prefill", 1, 32, 0), ("decode", 4, 1, 32)]
   if which == "gpu":  # the GPU check's subset: the batch-64 decode target included
     return [("prefill", 8, 256, 0), ("recompute", 16, 256, 1792), ("decode", 1, 1, 512),
             ("decode", 16, 1, 512), ("decode", 64, 1, 512)]
@@ -208,7 +217,7 @@ def main(argv=None):
   p.add_argument("--attn", nargs="+", default=["default"],
                  choices=["default", "reference", "chunked", "pallas"])
   p.add_argument("--repeats", type=int, default=5)
-  p.add_argument("--cases", default=None, choices=["full", "quick", "gpu"])
+  p.add_argument("--cases", default=None, choices=["full", "quick", "gpu", "smoke"])
   p.add_argument("--quick", action="store_true", help="same as --cases quick")
   p.add_argument("--budget-s", type=float, default=None,
                  help="skip the remaining points once this many seconds have passed")
@@ -216,8 +225,7 @@ def main(argv=None):
   args.dtype = args.dtype or default_cache_dtype()
   args.cases = args.cases or ("quick" if args.quick else "full")
   result = run(args)
-  pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-  pathlib.Path(args.json).write_text(json.dumps(result, indent=2))
+  _write(args.json, result)
   try:
     plot(result, args.plot)
   except ImportError:
