@@ -105,7 +105,12 @@ def run(args):
       if args.budget_s and time.perf_counter() - start > args.budget_s:
         points.append(dict(mode=mode, batch=rows, attention=attn.impl, skipped="time budget"))
         continue
-      points.append(_point(params, cfg, attn, mode, rows, n, ctx, args, peak))
+      try:
+        points.append(_point(params, cfg, attn, mode, rows, n, ctx, args, peak))
+      except Exception as e:  # e.g. a kernel that does not compile here: keep the rest
+        points.append(dict(mode=mode, batch=rows, attention=attn.impl,
+                           error=f"{type(e).__name__}: {str(e)[:300]}"))
+        print(f"{attn.impl} {mode} batch={rows}: FAILED {points[-1]['error']}", flush=True)
       _write(args.json, dict(result, partial=True))  # a run stopped at its limit keeps these
   return result
 
@@ -182,7 +187,7 @@ def plot(result, path):
   import matplotlib.pyplot as plt
 
   fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-  timed = [p for p in result["points"] if "skipped" not in p]
+  timed = [p for p in result["points"] if "tokens_per_s" in p]
   for ax, mode in zip(axes, ("prefill", "recompute", "decode"), strict=True):
     pts = [p for p in timed if p["mode"] == mode]
     for impl in dict.fromkeys(p["attention"] for p in pts):

@@ -147,13 +147,19 @@ def run(args) -> dict:
           points.append(dict(shape=name, method=method, agents=agents, skipped="time budget"))
           continue
         t0 = time.perf_counter()
-        point = dict(shape=name, **run_point(params, cfg, method, agents, args, attn),
-                     wall_seconds=time.perf_counter() - t0)
+        try:
+          point = dict(shape=name, **run_point(params, cfg, method, agents, args, attn),
+                       wall_seconds=time.perf_counter() - t0)
+          line = f"round prefill {point['prefill_seconds']:.3f} s"
+        except Exception as e:  # e.g. out of pages or a kernel failing: keep the rest
+          point = dict(shape=name, method=method, agents=agents,
+                       error=f"{type(e).__name__}: {str(e)[:300]}")
+          line = f"FAILED {point['error']}"
         points.append(point)
         result["ratios"] = ratios(points)
         _write(args.json, dict(result, partial=True))  # a run stopped at its limit keeps these
-        print(f"{name:8s} {method:10s} agents={agents:3d} ({attn.impl}): round prefill "
-              f"{point['prefill_seconds']:.3f} s (wall {point['wall_seconds']:.0f} s)", flush=True)
+        print(f"{name:8s} {method:10s} agents={agents:3d} ({attn.impl}): {line} "
+              f"(wall {time.perf_counter() - t0:.0f} s)", flush=True)
     del params
   result["ratios"] = ratios(points)
   return result

@@ -219,6 +219,41 @@ def attend_steps(
   return lax.fori_loop(first, last, body, (o, m, total))
 
 
+def attend_split(
+    q_ref,  # [r, d] rotated, scaled queries, compute dtype
+    q_pos_ref,  # [r] int32 position per row; -1 marks a padding row
+    layer_ref,  # [1] int32 layer to read
+    k_pages_ref,  # [layers, num_pages, page_size, d]
+    v_pages_ref,  # [layers, num_pages, page_size, d]
+    block_table_ref,  # [pages_per_seq]
+    block_pos_ref,  # [pages_per_seq]
+    block_len_ref,  # [pages_per_seq]
+    cos_ref,  # [positions, h]
+    sin_ref,  # [positions, h]
+    split,  # int32: which share of the live steps this program takes
+    *,
+    num_splits: int,
+    pages_per_block: int,
+    mask_value: float,
+):
+  """One program of either kernel: share `split` of `num_splits` of the live steps.
+
+  The live steps (those up to the rows' last position, so causal for a
+  prefill tile) are cut into num_splits even shares, the last one short, a
+  share past the end empty. Returns attend_steps' (o, m, l).
+  """
+  half = q_ref.shape[1] // 2
+  q_pos = q_pos_ref[...]
+  steps = live_steps(block_pos_ref[...], block_len_ref[...], jnp.max(q_pos), pages_per_block)
+  per_split = lax.div(steps + num_splits - 1, num_splits)
+  first = split * per_split
+  return attend_steps(
+      q_ref[:, pl.ds(0, half)], q_ref[:, pl.ds(half, half)], q_pos, layer_ref[0], k_pages_ref,
+      v_pages_ref, block_table_ref, block_pos_ref, block_len_ref, cos_ref, sin_ref, first,
+      jnp.minimum(first + per_split, steps), pages_per_block=pages_per_block,
+      mask_value=mask_value)
+
+
 def check_query(q, k_pages, v_pages, what: str) -> None:
   """Shape checks shared by both kernels: q [n, heads, d] against the pools."""
   if q.ndim != 3:

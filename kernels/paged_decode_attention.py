@@ -61,16 +61,9 @@ def _decode_kernel(
     pages_per_block: int,
     mask_value: float,
 ):
-  half = q_ref.shape[1] // 2
-  q_pos = q_pos_ref[...]
-  steps = _body.live_steps(block_pos_ref[...], block_len_ref[...], jnp.max(q_pos),
-                           pages_per_block)
-  per_split = jax.lax.div(steps + num_splits - 1, num_splits)
-  first = pl.program_id(2) * per_split
-  last = jnp.minimum(first + per_split, steps)
-  o, m, total = _body.attend_steps(
-      q_ref[:, pl.ds(0, half)], q_ref[:, pl.ds(half, half)], q_pos, layer_ref[0], k_pages_ref,
-      v_pages_ref, block_table_ref, block_pos_ref, block_len_ref, cos_ref, sin_ref, first, last,
+  o, m, total = _body.attend_split(
+      q_ref, q_pos_ref, layer_ref, k_pages_ref, v_pages_ref, block_table_ref, block_pos_ref,
+      block_len_ref, cos_ref, sin_ref, pl.program_id(2), num_splits=num_splits,
       pages_per_block=pages_per_block, mask_value=mask_value)
   o_ref[...] = o
   m_ref[...] = m

@@ -87,15 +87,11 @@ def _ragged_kernel(
     pages_per_block: int,
     mask_value: float,
 ):
-  half = q_ref.shape[1] // 2
-  q_pos = q_pos_ref[...]
-  # Visit the steps up to the tile's last query (causal); an empty tile visits none.
-  steps = _body.live_steps(block_pos_ref[...], block_len_ref[...], jnp.max(q_pos),
-                           pages_per_block)
-  o, _, total = _body.attend_steps(
-      q_ref[:, pl.ds(0, half)], q_ref[:, pl.ds(half, half)], q_pos, layer_ref[0], k_pages_ref,
-      v_pages_ref, block_table_ref, block_pos_ref, block_len_ref, cos_ref, sin_ref, 0, steps,
-      pages_per_block=pages_per_block, mask_value=mask_value)
+  # One share of the steps up to the tile's last query (causal); an empty tile visits none.
+  o, _, total = _body.attend_split(
+      q_ref, q_pos_ref, layer_ref, k_pages_ref, v_pages_ref, block_table_ref, block_pos_ref,
+      block_len_ref, cos_ref, sin_ref, 0, num_splits=1, pages_per_block=pages_per_block,
+      mask_value=mask_value)
   o_ref[...] = (o / jnp.where(total == 0.0, 1.0, total)[:, None]).astype(o_ref.dtype)
 
 
