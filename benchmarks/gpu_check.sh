@@ -63,8 +63,10 @@ stage() {
 
 BENCH="$PY benchmarks"
 if [ "$BACKEND" = gpu ]; then
-  stage tests 80 "$PY" -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider \
-    --junitxml="$WORK/tests.xml"
+  # From $WORK, so the source folder tokendance_jax/ (no kernels/ inside) cannot shadow
+  # the installed package on sys.path.
+  (cd "$WORK" && stage tests 80 "$PY" -m pytest -q -m gpu "$REPO/tests/test_kernels.py" \
+    -p no:cacheprovider --junitxml="$WORK/tests.xml")
 else
   printf 'tests\tskipped\t0\n' >>"$WORK/stages.tsv"
 fi
