@@ -139,8 +139,9 @@ def rope_tables(head_dim: int, theta: float, max_position: int | None, width: in
   """(cos, sin) [length, d/2] for every key position a kernel can meet.
 
   max_position bounds the positions; by default pages_per_seq * page_size,
-  which holds whenever a row's positions run contiguously from 0 (every
-  layout this project builds). Larger positions are clamped to the last row.
+  which holds by the kernels' contract: a row's keys hold positions 0..p,
+  each in its own slot, so p < pages_per_seq * page_size. Larger positions
+  are clamped to the last row (wrong, but never out of bounds).
   """
   return cos_sin_table(max_position or width * page_size, head_dim, theta)
 

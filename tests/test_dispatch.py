@@ -69,11 +69,11 @@ def test_attention_args_take_the_tuned_block_sizes():
   pool = jnp.zeros((2, 2, 4, 8, TINY.head_dim))
   _, kw = model.attention_args(q, pool, pool, 0, batch, cfg, attn, decode=False)
   assert kw["block_sizes"].block_q == tuned.prefill_rows // 3  # 21 tokens x 3 heads = 63 rows
-  assert kw["max_position"] == cfg.max_seq_len and kw["interpret"] is False
+  assert kw["interpret"] is False
   _, kw = model.attention_args(q, pool, pool, 0, batch, cfg, attn, decode=True)
   assert kw["block_sizes"] is tuned.decode
   _, kw = model.attention_args(q, pool, pool, 0, batch, cfg, AttentionConfig(), decode=False)
-  assert kw["block_sizes"] == kernels.BlockSizes() and "max_position" not in kw
+  assert kw["block_sizes"] == kernels.BlockSizes() and "interpret" not in kw
 
 
 def test_cache_dtype_per_backend():

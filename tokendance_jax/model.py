@@ -144,7 +144,7 @@ def attention_args(q, cache_k, cache_v, layer, batch: Batch, cfg: ModelConfig,
   common = dict(layer=layer, rope_theta=cfg.rope_theta, block_sizes=block_sizes,
                 block_pos=batch.block_pos, block_len=batch.block_len)
   if attn.impl == "pallas":
-    common.update(interpret=attn.interpret, max_position=cfg.max_seq_len)
+    common["interpret"] = attn.interpret
   args = (q, cache_k, cache_v, batch.block_tables, batch.positions)
   if not decode:
     args += (batch.seq_ids,)
