@@ -18,7 +18,7 @@ import pathlib
 import sys
 import xml.etree.ElementTree as ET
 
-BENCHES = ("kernel_smollm2", "kernel_qwen7b", "kernel_tiny", "model", "rounds")
+BENCHES = ("kernel_smollm2", "kernel_qwen7b", "kernel_tiny", "model", "rounds", "rounds_kernel")
 
 
 def _stages(work: pathlib.Path) -> dict:
@@ -49,7 +49,8 @@ def _decode_tokens_per_s(model: dict | None, batch: int) -> dict:
 def targets(results: dict) -> dict:
   qwen = (results.get("kernel_qwen7b") or {}).get("summary", {})
   decode64 = _decode_tokens_per_s(results.get("model"), 64)
-  rounds = (results.get("rounds") or {}).get("ratios", {})
+  runs = [results.get(name) for name in ("rounds", "rounds_kernel")]
+  rounds = {f"{k} ({r['attention']})": v for r in runs if r for k, v in r["ratios"].items()}
   best = max(decode64.values(), default=None)
   return {
       "decode_40pct_hbm_qwen7b": qwen.get("target_decode_40pct_hbm"),

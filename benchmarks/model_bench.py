@@ -92,7 +92,7 @@ def attention(name: str) -> AttentionConfig:
 
 def run(args):
   params, cfg, label = load(args.model, args.dtype)
-  peak = matmul_peak(jnp.dtype(args.dtype))
+  peak = matmul_peak(jnp.dtype(args.dtype), n=512 if args.cases == "smoke" else 2048)
   points, start = [], time.perf_counter()
   result = dict(benchmark="model", model=label, dtype=args.dtype,
                 backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),

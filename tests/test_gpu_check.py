@@ -23,7 +23,7 @@ def test_gpu_check_quick_writes_its_report(tmp_path):
   out = tmp_path / "gpu"
   env = dict(os.environ, PYTHON=sys.executable)
   run = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--out", str(out),
-                        "--quick"], env=env, capture_output=True, text=True, timeout=600)
+                        "--quick"], env=env, capture_output=True, text=True, timeout=1200)
   log = (out / "gpu_check.log").read_text() if (out / "gpu_check.log").exists() else ""
   assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + log[-3000:]
   report = json.loads((out / "gpu_check.json").read_text())
