@@ -1,11 +1,13 @@
 """The online-softmax loop over pages shared by the decode and ragged-prefill kernels.
 
 One program handles R query rows that share a sequence (so one block-table
-row) and one KV head. Queries and keys are rotated here from logical
-positions; keys come un-rotated from the page pool.
+row) and one KV head, over a range of its steps (a step is
+`pages_per_block` consecutive block-table entries). Queries arrive rotated;
+keys come un-rotated from the page pool and are rotated here, once per step,
+in two halves from a cos/sin table gathered by each key's logical position.
 
 Einsum letters used across kernels/: r query rows, k key slots in a compute
-block, d head dim, p pages.
+block, d head dim, h = d / 2, p pages.
 """
 
 from __future__ import annotations
@@ -16,33 +18,40 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from . import lowering
+from .rope import cos_sin_table
+from .rope import inv_freq as _inv_freq
+
 # Finite, so a fully masked row never produces NaN through (-inf) - (-inf).
 DEFAULT_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BlockSizes:
-  """Tuning knobs, kept apart from the logic."""
+  """Tuning knobs, kept apart from the logic (per-device values: `kernels.tuning`)."""
 
-  block_q: int = 16  # query tokens per program (ragged prefill only)
+  block_q: int = 16  # ragged prefill: most query tokens per tile (fewer when the work is small)
   pages_per_block: int = 4  # pages per online-softmax step
   num_warps: int = 4
   num_stages: int = 2
+  min_rows: int = 1  # smallest M of the kernels' dots (rows are a power of two >= this)
+  num_splits: int = 0  # decode: programs per (sequence, KV head) over the context; 0 = auto
+  split_programs: int = 256  # decode auto: aim for this many programs in the grid
+  min_split_steps: int = 2  # decode auto: fewest steps a split is given
 
   def __post_init__(self):
-    for name in ("block_q", "pages_per_block"):
+    for name in ("pages_per_block", "min_rows"):
       v = getattr(self, name)
       if v < 1 or v & (v - 1):
         raise ValueError(f"{name}={v} must be a power of two")
+    for name in ("block_q", "num_warps", "num_stages", "split_programs", "min_split_steps"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+    if self.num_splits < 0:
+      raise ValueError(f"num_splits={self.num_splits} must be >= 0 (0 = auto)")
 
-
-def compiler_params(block_sizes: BlockSizes):
-  """The GPU lowering is chosen here and nowhere else (Triton via Pallas)."""
-  try:
-    from jax.experimental.pallas import triton as plgpu
-  except ImportError:  # pragma: no cover - a jax without the Triton lowering
-    return None
-  return plgpu.CompilerParams(num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages)
+  def compiler_params(self):
+    return lowering.compiler_params(num_warps=self.num_warps, num_stages=self.num_stages)
 
 
 def next_pow2(n: int) -> int:
@@ -50,7 +59,7 @@ def next_pow2(n: int) -> int:
 
 
 def pages_per_step(block_sizes: BlockSizes, page_size: int) -> int:
-  """Pages per online-softmax step, raised so a step holds >= 16 keys (the smallest Triton dot K)."""
+  """Pages per online-softmax step, raised so a step holds >= 16 keys (Triton's smallest dot K)."""
   return max(block_sizes.pages_per_block, next_pow2(-(-16 // page_size)))
 
 
@@ -115,14 +124,37 @@ def _dot(a, b, contract_b: int):
       preferred_element_type=jnp.float32)
 
 
-def _rope(x, pos, inv_freq, rot):
-  """x: [n, d] float32, pos: [n] int32, inv_freq: [d], rot: [d, d] -> rotated [n, d]."""
-  angle = pos.astype(jnp.float32)[:, None] * inv_freq[None, :]
-  return x * jnp.cos(angle) + _dot(x, rot, 0) * jnp.sin(angle)
+def rotate_queries(q, pos, theta: float, sm_scale: float, dtype):
+  """q [..., d] at positions pos [...] -> rotated, scaled by sm_scale, cast to dtype (jnp).
+
+  Run by the kernel entries before the kernel: queries are rotated once,
+  keys (shared pages, any offset) inside the kernel.
+  """
+  freqs = jnp.asarray(_inv_freq(q.shape[-1], theta))
+  return (rope_reference(q, pos, freqs) * sm_scale).astype(dtype)
 
 
-def attend_pages(
-    q,  # [r, d] un-rotated queries of one KV head's group
+def rope_tables(head_dim: int, theta: float, max_position: int | None, width: int,
+                page_size: int):
+  """(cos, sin) [length, d/2] for every key position a kernel can meet.
+
+  max_position bounds the positions; by default pages_per_seq * page_size,
+  which holds by the kernels' contract: a row's keys hold positions 0..p,
+  each in its own slot, so p < pages_per_seq * page_size. Larger positions
+  are clamped to the last row (wrong, but never out of bounds).
+  """
+  return cos_sin_table(max_position or width * page_size, head_dim, theta)
+
+
+def live_steps(block_pos, block_len, max_pos, pages_per_block: int):
+  """Steps holding a block that starts at or before max_pos (blocks are in position order)."""
+  live = (block_pos <= max_pos) & (block_len > 0)
+  return lax.div(jnp.sum(live.astype(jnp.int32)) + pages_per_block - 1, pages_per_block)
+
+
+def attend_steps(
+    q1,  # [r, h] rotated, scaled queries (first half of the head dim), compute dtype
+    q2,  # [r, h] second half
     q_pos,  # [r] int32 logical position per row; -1 marks a padding row
     layer,  # int32 scalar: the layer of the pools to read
     k_pages_ref,  # [layers, num_pages, page_size, d] un-rotated keys of this KV head
@@ -130,86 +162,97 @@ def attend_pages(
     block_table_ref,  # [pages_per_seq] physical page of each logical block
     block_pos_ref,  # [pages_per_seq] logical position of each block's slot 0 (increasing)
     block_len_ref,  # [pages_per_seq] valid slots of each block (0 = unused entry)
-    inv_freq,  # [d] float32
-    rot,  # [d, d] float32 rotate-half matrix
+    cos_ref,  # [positions, h] float32 rotation table
+    sin_ref,  # [positions, h] float32
+    first,  # int32: first step to visit
+    last,  # int32: one past the last step
     *,
-    sm_scale: float,
     pages_per_block: int,
     mask_value: float,
 ):
-  """Causal-by-position attention of q over its sequence's pages -> [r, d] float32.
+  """Causal-by-position online softmax of the rows over steps [first, last).
 
-  Slot i of block j holds the key at position block_pos[j] + i when
-  i < block_len[j]; other slots are never read as data. A block can thus be
-  shared by sequences that hold it at different offsets, and a segment can
-  start on a fresh page while positions stay contiguous.
+  Returns (o [r, d] float32 un-normalized, m [r] running max, l [r] running
+  sum); a row that saw no key has m = mask_value, l = 0, o = 0. Slot i of
+  block j holds the key at position block_pos[j] + i when i < block_len[j];
+  other slots are never read as data, so a page can be shared by sequences
+  that hold it at different offsets.
   """
-  rows, head_dim = q.shape
-  page_size = k_pages_ref.shape[2]
+  rows, half = q1.shape
+  page_size, head_dim = k_pages_ref.shape[2], k_pages_ref.shape[3]
   block_k = pages_per_block * page_size
   compute_dtype = k_pages_ref.dtype
-
-  qf = _rope(q.astype(jnp.float32), q_pos, inv_freq, rot) * sm_scale
-  qc = qf.astype(compute_dtype)
+  last_row = cos_ref.shape[0] - 1
   max_pos = jnp.max(q_pos)
-  # Blocks are in position order: visit those starting at or before the last query.
-  live = (block_pos_ref[...] <= max_pos) & (block_len_ref[...] > 0)
-  num_pages = jnp.sum(live.astype(jnp.int32))
-  num_blocks = lax.div(num_pages + pages_per_block - 1, pages_per_block)
   slot = lax.broadcasted_iota(jnp.int32, (pages_per_block, page_size), 1)
 
   def body(i, carry):
-    o, m, l = carry
+    o, m, total = carry
     blocks = pl.ds(i * pages_per_block, pages_per_block)
     pages = block_table_ref[blocks]  # [pages_per_block]
-    # One indexer per load: the Triton lowering rejects a gather on a sliced ref.
-    k = k_pages_ref[layer, pages].reshape(block_k, head_dim).astype(jnp.float32)  # [k, d]
-    v = v_pages_ref[layer, pages].reshape(block_k, head_dim)  # [k, d]
     k_pos = (block_pos_ref[blocks][:, None] + slot).reshape(block_k)  # [k]
     k_ok = (slot < block_len_ref[blocks][:, None]).reshape(block_k) & (k_pos <= max_pos)
-    k_rot = _rope(k, k_pos, inv_freq, rot).astype(compute_dtype)
-    s = _dot(qc, k_rot, 1)  # [r, k]
+    at = jnp.clip(k_pos, 0, last_row)
+    cos, sin = cos_ref[at], sin_ref[at]  # [k, h]
+    # One indexer per load (the Triton lowering rejects a gather on a sliced ref);
+    # the halves are two loads, so no loaded value is ever sliced.
+    k1 = k_pages_ref[layer, pages, :, pl.ds(0, half)].reshape(block_k, half)
+    k2 = k_pages_ref[layer, pages, :, pl.ds(half, half)].reshape(block_k, half)
+    k1, k2 = k1.astype(jnp.float32), k2.astype(jnp.float32)
+    k1r = (k1 * cos - k2 * sin).astype(compute_dtype)  # [k, h]
+    k2r = (k2 * cos + k1 * sin).astype(compute_dtype)
+    s = _dot(q1, k1r, 1) + _dot(q2, k2r, 1)  # [r, k]
     mask = k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
     s = jnp.where(mask, s, mask_value)
     m_next = jnp.maximum(m, s.max(axis=1))
     p = jnp.where(mask, jnp.exp(s - m_next[:, None]), 0.0)
     alpha = jnp.exp(m - m_next)
+    v = v_pages_ref[layer, pages].reshape(block_k, head_dim)  # [k, d]
     # Slots no row may read hold padding (NaN in tests): zero them so it
     # cannot leak through 0 * NaN.
     v = jnp.where(k_ok[:, None], v, jnp.zeros_like(v))
     o = alpha[:, None] * o + _dot(p.astype(v.dtype), v, 0)
-    return o, m_next, alpha * l + p.sum(axis=1)
+    return o, m_next, alpha * total + p.sum(axis=1)
 
   o = jnp.zeros((rows, head_dim), jnp.float32)
   m = jnp.full((rows,), mask_value, jnp.float32)
-  l = jnp.zeros((rows,), jnp.float32)
-  o, m, l = lax.fori_loop(0, num_blocks, body, (o, m, l))
-  return o / jnp.where(l == 0.0, 1.0, l)[:, None]
+  total = jnp.zeros((rows,), jnp.float32)
+  return lax.fori_loop(first, last, body, (o, m, total))
 
 
-def attention_kernel(
-    q_ref,  # [r, d] query rows of one KV head's group (one sequence)
-    q_pos_ref,  # [r] int32
+def attend_split(
+    q_ref,  # [r, d] rotated, scaled queries, compute dtype
+    q_pos_ref,  # [r] int32 position per row; -1 marks a padding row
     layer_ref,  # [1] int32 layer to read
-    k_pages_ref,  # [layers, num_pages, page_size, d] this KV head, every layer
+    k_pages_ref,  # [layers, num_pages, page_size, d]
     v_pages_ref,  # [layers, num_pages, page_size, d]
     block_table_ref,  # [pages_per_seq]
     block_pos_ref,  # [pages_per_seq]
     block_len_ref,  # [pages_per_seq]
-    inv_freq_ref,  # [d]
-    rot_ref,  # [d, d]
-    o_ref,  # [r, d]
+    cos_ref,  # [positions, h]
+    sin_ref,  # [positions, h]
+    split,  # int32: which share of the live steps this program takes
     *,
-    sm_scale: float,
+    num_splits: int,
     pages_per_block: int,
     mask_value: float,
 ):
-  """The Pallas kernel both entry points launch: one program per (row group, KV head)."""
-  o = attend_pages(
-      q_ref[...], q_pos_ref[...], layer_ref[0], k_pages_ref, v_pages_ref, block_table_ref,
-      block_pos_ref, block_len_ref, inv_freq_ref[...], rot_ref[...], sm_scale=sm_scale,
-      pages_per_block=pages_per_block, mask_value=mask_value)
-  o_ref[...] = o.astype(o_ref.dtype)
+  """One program of either kernel: share `split` of `num_splits` of the live steps.
+
+  The live steps (those up to the rows' last position, so causal for a
+  prefill tile) are cut into num_splits even shares, the last one short, a
+  share past the end empty. Returns attend_steps' (o, m, l).
+  """
+  half = q_ref.shape[1] // 2
+  q_pos = q_pos_ref[...]
+  steps = live_steps(block_pos_ref[...], block_len_ref[...], jnp.max(q_pos), pages_per_block)
+  per_split = lax.div(steps + num_splits - 1, num_splits)
+  first = split * per_split
+  return attend_steps(
+      q_ref[:, pl.ds(0, half)], q_ref[:, pl.ds(half, half)], q_pos, layer_ref[0], k_pages_ref,
+      v_pages_ref, block_table_ref, block_pos_ref, block_len_ref, cos_ref, sin_ref, first,
+      jnp.minimum(first + per_split, steps), pages_per_block=pages_per_block,
+      mask_value=mask_value)
 
 
 def check_query(q, k_pages, v_pages, what: str) -> None:

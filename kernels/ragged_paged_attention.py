@@ -4,11 +4,16 @@ Each query token carries its sequence id and logical position and attends,
 causally by position, to its sequence's pages. One kernel serves plain
 prefill, chunked prefill and selective recompute of scattered tokens (the
 queries are then just the recomputed tokens). Keys are stored before RoPE and
-rotated in-kernel.
+rotated in-kernel, once per step, from a cos/sin table by position.
 
-Queries are regrouped into tiles of `block_q` tokens of one sequence (the
-tile plan, computed in jnp inside jit), so each program reads a single
-block-table row.
+Queries are regrouped into tiles of tokens of one sequence (the tile plan,
+computed in jnp inside jit), so each program reads a single block-table row.
+A program's rows are its tokens times the query heads of one KV group,
+packed (row = token * group + head) and padded once to a power of two, so a
+3-head group costs no per-token padding. Tiles are sized to the work: at
+most block_q tokens, fewer when the batch holds few tokens per sequence.
+The grid is the static bound on the tile count; the tiles past the real
+count hold only padding rows and exit before their first page load.
 """
 
 from __future__ import annotations
@@ -18,13 +23,16 @@ import math
 
 import jax
 import jax.numpy as jnp
-
 from jax.experimental import pallas as pl
 
-from . import _body
+from . import _body, lowering
 from ._body import DEFAULT_MASK_VALUE, BlockSizes
 from .rope import inv_freq as _inv_freq
-from .rope import rotate_half_matrix
+
+
+def tile_tokens(block_q: int, t: int, num_seqs: int) -> int:
+  """Tokens per tile: block_q, or the mean tokens per sequence when that is smaller."""
+  return max(1, min(block_q, -(-t // max(1, min(num_seqs, t)))))
 
 
 def tile_plan(q_seq_ids, q_positions, num_seqs: int, block_q: int):
@@ -39,9 +47,12 @@ def tile_plan(q_seq_ids, q_positions, num_seqs: int, block_q: int):
   Returns:
     token_index: [n_tiles, block_q] int32 flat token per tile row; t = padding.
     tile_seq: [n_tiles] int32 sequence of each tile (0 for empty tiles).
+    n_tiles bounds the real count: sequence s with c_s tokens takes
+    ceil(c_s / block_q) tiles, at most (t + min(num_seqs, t) * (block_q - 1)) // block_q
+    in all; real tiles come first.
   """
   t = q_seq_ids.shape[0]
-  n_tiles = -(-t // block_q) + min(num_seqs, t)
+  n_tiles = max(1, (t + min(num_seqs, t) * (block_q - 1)) // block_q)
   valid = q_positions >= 0
   key = jnp.where(valid, q_seq_ids, num_seqs)
   order = jnp.argsort(key, stable=True)  # [t] tokens grouped by sequence, padding last
@@ -60,6 +71,30 @@ def tile_plan(q_seq_ids, q_positions, num_seqs: int, block_q: int):
   return token_index, tile_seq
 
 
+def _ragged_kernel(
+    q_ref,  # [r, d] rotated, scaled queries: tokens x query heads of one KV group, packed
+    q_pos_ref,  # [r] int32 position per row; -1 marks a padding row
+    layer_ref,  # [1] int32 layer to read
+    k_pages_ref,  # [layers, num_pages, page_size, d] this KV head, every layer
+    v_pages_ref,  # [layers, num_pages, page_size, d]
+    block_table_ref,  # [pages_per_seq] the tile's sequence
+    block_pos_ref,  # [pages_per_seq]
+    block_len_ref,  # [pages_per_seq]
+    cos_ref,  # [positions, d/2]
+    sin_ref,  # [positions, d/2]
+    o_ref,  # [r, d]
+    *,
+    pages_per_block: int,
+    mask_value: float,
+):
+  # One share of the steps up to the tile's last query (causal); an empty tile visits none.
+  o, _, total = _body.attend_split(
+      q_ref, q_pos_ref, layer_ref, k_pages_ref, v_pages_ref, block_table_ref, block_pos_ref,
+      block_len_ref, cos_ref, sin_ref, 0, num_splits=1, pages_per_block=pages_per_block,
+      mask_value=mask_value)
+  o_ref[...] = (o / jnp.where(total == 0.0, 1.0, total)[:, None]).astype(o_ref.dtype)
+
+
 def _check_args(q, k_pages, v_pages, block_tables, q_positions, q_seq_ids):
   _body.check_query(q, k_pages, v_pages, "tokens")
   if q_positions.shape != q.shape[:1] or q_seq_ids.shape != q.shape[:1]:
@@ -69,8 +104,10 @@ def _check_args(q, k_pages, v_pages, block_tables, q_positions, q_seq_ids):
     raise ValueError(f"block_tables must be [num_seqs, pages_per_seq], got {block_tables.shape}")
 
 
-@functools.partial(
-    jax.jit, static_argnames=("rope_theta", "sm_scale", "block_sizes", "interpret", "mask_value"))
+_STATIC = ("rope_theta", "sm_scale", "block_sizes", "interpret", "mask_value", "max_position")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def ragged_paged_attention(
     q: jax.Array,
     k_pages: jax.Array,
@@ -87,6 +124,7 @@ def ragged_paged_attention(
     block_sizes: BlockSizes = BlockSizes(),
     interpret: bool = False,
     mask_value: float = DEFAULT_MASK_VALUE,
+    max_position: int | None = None,
 ) -> jax.Array:
   """Ragged paged attention with in-kernel RoPE.
 
@@ -98,15 +136,17 @@ def ragged_paged_attention(
     block_tables: [num_seqs, pages_per_seq] int32 physical page per logical block.
     q_positions: [t] int32 logical position of each query; -1 marks padding.
     q_seq_ids: [t] int32 block-table row of each query.
-    block_pos: [rows, pages_per_seq] int32 logical position of slot 0 of each
-      block, increasing along a row; default j * page_size.
-    block_len: [rows, pages_per_seq] int32 valid slots per block (0 marks an
-      unused entry); default page_size.
+    block_pos: [num_seqs, pages_per_seq] int32 logical position of slot 0 of
+      each block, increasing along a row; default j * page_size.
+    block_len: [num_seqs, pages_per_seq] int32 valid slots per block (0 marks
+      an unused entry, after the used ones); default page_size.
     layer: int32 scalar, the layer to read when the pools hold every layer.
     rope_theta: RoPE base.
     sm_scale: softmax scale; default 1/sqrt(d).
-    block_sizes: tuning (tokens per tile, pages per step, warps, stages).
+    block_sizes: tuning (most tokens per tile, pages per step, rows, warps, stages).
     interpret: run the Pallas kernel in interpret mode (CPU).
+    max_position: every key position is below it (sizes the cos/sin table);
+      default pages_per_seq * page_size.
 
   Returns:
     [t, n_heads, d] attention output; padding rows are zero. Each query sees
@@ -114,30 +154,38 @@ def ragged_paged_attention(
   """
   _check_args(q, k_pages, v_pages, block_tables, q_positions, q_seq_ids)
   pool_k, pool_v, layer_idx = _body.layered(k_pages, v_pages, layer)
-  layers = pool_k.shape[0]
-  t, n_heads, d = q.shape
-  kv_heads = pool_k.shape[1]
+  layers, kv_heads, _, page_size, d = pool_k.shape
+  t, n_heads, _ = q.shape
   group = n_heads // kv_heads
-  group_pad = _body.next_pow2(group)
-  block_q = block_sizes.block_q
-  ppb = _body.pages_per_step(block_sizes, k_pages.shape[-2])
+  num_seqs = block_tables.shape[0]
+  block_q = tile_tokens(block_sizes.block_q, t, num_seqs)
+  used = block_q * group
+  rows = max(block_sizes.min_rows, _body.next_pow2(used))
+  ppb = _body.pages_per_step(block_sizes, page_size)
+  lowering.check_compiled_shapes(head_dim=d, block_k=ppb * page_size, dtype=pool_k.dtype,
+                                 interpret=interpret)
   sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
-  num_seqs, pages_per_seq = block_tables.shape
 
   token_index, tile_seq = tile_plan(q_seq_ids, q_positions, num_seqs, block_q)
   n_tiles = token_index.shape[0]
-  rows = block_q * group_pad
-  # [t + 1, kv_heads, group_pad, d] with a zero padding token at index t.
-  q_g = jnp.pad(q.reshape(t, kv_heads, group, d), ((0, 1), (0, 0), (0, group_pad - group), (0, 0)))
-  q_tiles = q_g[token_index].transpose(0, 2, 1, 3, 4).reshape(n_tiles, kv_heads, rows, d)
-  pos_pad = jnp.concatenate([q_positions.astype(jnp.int32), jnp.full((1,), -1, jnp.int32)])
-  pos_tiles = jnp.repeat(pos_pad[token_index], group_pad, axis=1)  # [n_tiles, rows]
-  tables, starts, lens = _body.block_layout(block_tables, block_pos, block_len,
-                                            pool_k.shape[3], ppb)
+  pos = jnp.concatenate([q_positions.astype(jnp.int32), jnp.full((1,), -1, jnp.int32)])
+  q_rot = _body.rotate_queries(q, q_positions[:, None], rope_theta, sm_scale, pool_k.dtype)
+  q_rot = jnp.pad(q_rot, ((0, 1), (0, 0), (0, 0)))  # token t: the padding query
+  # [n_tiles, block_q, n_heads, d] -> [n_tiles, kv_heads, rows, d], row = token * group + head
+  q_tiles = q_rot[token_index].reshape(n_tiles, block_q, kv_heads, group, d)
+  q_tiles = q_tiles.transpose(0, 2, 1, 3, 4).reshape(n_tiles, kv_heads, used, d)
+  q_tiles = jnp.pad(q_tiles, ((0, 0), (0, 0), (0, rows - used), (0, 0)))
+  pos_tiles = jnp.pad(jnp.repeat(pos[token_index], group, axis=1), ((0, 0), (0, rows - used)),
+                      constant_values=-1)  # [n_tiles, rows]
+  tables, starts, lens = _body.block_layout(block_tables, block_pos, block_len, page_size, ppb)
   tables, starts, lens = tables[tile_seq], starts[tile_seq], lens[tile_seq]
+  width = tables.shape[1]
+  cos, sin = _body.rope_tables(d, rope_theta, max_position, block_tables.shape[1], page_size)
 
-  kernel = functools.partial(_body.attention_kernel, sm_scale=sm_scale, pages_per_block=ppb,
-                             mask_value=mask_value)
+  kernel = functools.partial(_ragged_kernel, pages_per_block=ppb, mask_value=mask_value)
+  pool_spec = pl.BlockSpec((layers, None, *pool_k.shape[2:]), lambda i, h: (0, h, 0, 0, 0))
+  row_spec = pl.BlockSpec((None, width), lambda i, h: (i, 0))
+  table_spec = pl.BlockSpec(cos.shape, lambda i, h: (0, 0))
   out = pl.pallas_call(
       kernel,
       grid=(n_tiles, kv_heads),
@@ -145,31 +193,23 @@ def ragged_paged_attention(
           pl.BlockSpec((None, None, rows, d), lambda i, h: (i, h, 0, 0)),
           pl.BlockSpec((None, rows), lambda i, h: (i, 0)),
           pl.BlockSpec((1,), lambda i, h: (0,)),
-          pl.BlockSpec((layers, None, *pool_k.shape[2:]), lambda i, h: (0, h, 0, 0, 0)),
-          pl.BlockSpec((layers, None, *pool_k.shape[2:]), lambda i, h: (0, h, 0, 0, 0)),
-          pl.BlockSpec((None, tables.shape[1]), lambda i, h: (i, 0)),
-          pl.BlockSpec((None, tables.shape[1]), lambda i, h: (i, 0)),
-          pl.BlockSpec((None, tables.shape[1]), lambda i, h: (i, 0)),
-          pl.BlockSpec((d,), lambda i, h: (0,)),
-          pl.BlockSpec((d, d), lambda i, h: (0, 0)),
+          pool_spec, pool_spec, row_spec, row_spec, row_spec, table_spec, table_spec,
       ],
       out_specs=pl.BlockSpec((None, None, rows, d), lambda i, h: (i, h, 0, 0)),
       out_shape=jax.ShapeDtypeStruct((n_tiles, kv_heads, rows, d), q.dtype),
       interpret=interpret,
-      compiler_params=_body.compiler_params(block_sizes),
+      compiler_params=block_sizes.compiler_params(),
       name="ragged_paged_attention",
-  )(q_tiles, pos_tiles, layer_idx, pool_k, pool_v, tables, starts, lens,
-    jnp.asarray(_inv_freq(d, rope_theta)), jnp.asarray(rotate_half_matrix(d)))
+  )(q_tiles, pos_tiles, layer_idx, pool_k, pool_v, tables, starts, lens, cos, sin)
 
-  # [n_tiles, block_q, kv_heads, group, d] -> scatter rows back to flat tokens.
-  out = out.reshape(n_tiles, kv_heads, block_q, group_pad, d)[:, :, :, :group]
+  # [n_tiles, kv_heads, rows, d] -> scatter rows back to flat tokens.
+  out = out[:, :, :used].reshape(n_tiles, kv_heads, block_q, group, d)
   out = out.transpose(0, 2, 1, 3, 4).reshape(n_tiles * block_q, n_heads, d)
   flat = jnp.zeros((t + 1, n_heads, d), q.dtype).at[token_index.reshape(-1)].set(out, mode="drop")
   return flat[:t]
 
 
-@functools.partial(jax.jit, static_argnames=("rope_theta", "sm_scale", "block_sizes", "interpret",
-                                             "mask_value"))
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def ragged_paged_attention_reference(
     q: jax.Array,
     k_pages: jax.Array,
@@ -186,13 +226,14 @@ def ragged_paged_attention_reference(
     block_sizes: BlockSizes = BlockSizes(),
     interpret: bool = False,
     mask_value: float = DEFAULT_MASK_VALUE,
+    max_position: int | None = None,
 ) -> jax.Array:
   """Plain-jnp ragged paged attention, same signature (tuning args ignored).
 
   Works sequence-chunk by chunk with `lax.map` so memory stays bounded: each
   step gathers one tile's sequence pages densely and attends.
   """
-  del interpret
+  del interpret, max_position
   g = _gather_sequences(q, k_pages, v_pages, block_tables, q_positions, q_seq_ids, block_pos,
                         block_len, layer, rope_theta, sm_scale, max(block_sizes.block_q, 64))
 
@@ -224,6 +265,7 @@ def ragged_paged_attention_chunked(
     block_sizes: BlockSizes = BlockSizes(),
     interpret: bool = False,
     mask_value: float = DEFAULT_MASK_VALUE,
+    max_position: int | None = None,
     block_k: int = 256,
 ) -> jax.Array:
   """Ragged paged attention in plain jnp that skips the keys no query of a tile can see.
@@ -236,7 +278,7 @@ def ragged_paged_attention_chunked(
   the whole padded context: on a scattered recompute that is ~2x the causal
   work plus the padding to the widest sequence.
   """
-  del interpret
+  del interpret, max_position
   g = _gather_sequences(q, k_pages, v_pages, block_tables, q_positions, q_seq_ids, block_pos,
                         block_len, layer, rope_theta, sm_scale, max(block_sizes.block_q, 64))
   ctx = g.k_seq.shape[2]

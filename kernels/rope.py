@@ -21,17 +21,18 @@ def inv_freq(head_dim: int, theta: float) -> np.ndarray:
   return np.concatenate([freqs, freqs])
 
 
-@functools.cache
-def rotate_half_matrix(head_dim: int) -> np.ndarray:
-  """[head_dim, head_dim] float32 R with x @ R == concat(-x[D/2:], x[:D/2]).
+def cos_sin_table(length: int, head_dim: int, theta: float):
+  """(cos, sin), each [length, head_dim // 2] float32: the rotation at positions 0..length-1.
 
-  Kernels use a matmul instead of slicing a value, which Triton cannot do.
+  The kernels gather rows of it by key position and rotate the two halves
+  of each key (x1 * cos - x2 * sin, x2 * cos + x1 * sin): no rotate-half
+  matmul and no slicing of a loaded value, which Triton cannot do. Angles
+  are formed exactly as `apply_rope` forms them (float32 position times
+  float32 frequency), so kernels and references rotate identically.
   """
-  half = head_dim // 2
-  r = np.zeros((head_dim, head_dim), np.float32)
-  r[np.arange(half) + half, np.arange(half)] = -1.0
-  r[np.arange(half), np.arange(half) + half] = 1.0
-  return r
+  half = jnp.asarray(inv_freq(head_dim, theta)[: head_dim // 2])
+  angle = jnp.arange(length, dtype=jnp.float32)[:, None] * half[None, :]
+  return jnp.cos(angle), jnp.sin(angle)
 
 
 def rotate_half(x):

@@ -7,9 +7,9 @@ variants with `dataclasses.replace`.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
-
 
 IMPLS = ("chunked", "reference", "pallas")  # attention implementations
 
@@ -129,6 +129,19 @@ class CacheConfig:
     return 2 * model.n_layers * model.n_kv_heads * self.page_size * model.head_dim * itemsize
 
 
+def default_cache_dtype(backend: str | None = None) -> str:
+  """The K/V cache (and weight) dtype to use on a backend: bfloat16 on GPU, float32 elsewhere.
+
+  bfloat16 puts the attention and model matmuls on the GPU's tensor cores
+  (float32 accumulation); CPU runs and the tests stay in float32.
+  `CacheConfig.dtype` keeps its float32 default: callers that build a
+  cache for the current backend pass `dtype=default_cache_dtype()`.
+  """
+  import jax
+
+  return "bfloat16" if (backend or jax.default_backend()) == "gpu" else "float32"
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AttentionConfig:
   """Which attention implementation the model dispatches to (one place).
@@ -137,27 +150,50 @@ class AttentionConfig:
   query tile's keys in blocks and stops at the tile's last visible key (the
   CPU fast path for prefill and recompute; decode uses the reference);
   impl="reference" runs the jnp references (every tile against the whole
-  padded context: simplest, and the oracle the others are tested against);
+  padded context: simplest, and the oracle the others are tested against;
+  on GPU it is XLA's fused path, measured faster than the old kernels);
   impl="pallas" runs the Pallas kernels, with interpret=True on CPU.
+
+  tuning: a `kernels.tuning.DeviceTuning` whose block sizes the kernels use;
+  None uses `block_q` / `pages_per_block` with the other knobs at their
+  defaults (the tests' and CPU's way).
   """
 
   impl: str = "reference"
   interpret: bool = False
   block_q: int = 16
   pages_per_block: int = 4
+  tuning: Any = None
 
   def __post_init__(self):
     if self.impl not in IMPLS:
       raise ValueError(f"attention impl={self.impl!r}; expected one of {', '.join(IMPLS)}")
 
   @classmethod
-  def default_for_backend(cls, backend: str | None = None, *, force_kernel: bool = False):
-    """Kernels on GPU; the chunked jnp path on CPU unless force_kernel (then interpret mode)."""
+  def default_for_backend(cls, backend: str | None = None, *, force_kernel: bool = False,
+                          device_kind: str | None = None):
+    """The fastest correct path measured on the backend.
+
+    GPU: the Pallas kernels only where the tuning table records, for this
+    device kind, a measurement of them beating XLA (`DeviceTuning.kernel_faster`);
+    otherwise XLA's fused jnp path (impl="reference"), which the only GPU
+    measurement so far (docs/results/kernel_bench_h100.json) shows faster.
+    force_kernel picks the kernels anyway (tuned for the device kind).
+    CPU and the rest: the chunked jnp path, or the kernels in interpret mode
+    with force_kernel.
+    """
     import jax
+
+    from tokendance_jax.kernels import tuning as kernel_tuning
 
     backend = backend or jax.default_backend()
     if backend == "gpu":
-      return cls(impl="pallas")
+      if device_kind is None:
+        device_kind = jax.devices()[0].device_kind
+      tuned = kernel_tuning.for_device(device_kind)
+      if force_kernel or tuned.kernel_faster:
+        return cls(impl="pallas", tuning=tuned)
+      return cls(impl="reference")
     if force_kernel:
       return cls(impl="pallas", interpret=True)
     return cls(impl="chunked")

@@ -137,7 +137,10 @@ def attention_fn(attn: AttentionConfig, decode: bool):
 def attention_args(q, cache_k, cache_v, layer, batch: Batch, cfg: ModelConfig,
                    attn: AttentionConfig, decode: bool) -> tuple[tuple, dict]:
   """(positional, keyword) arguments of `attention_fn(attn, decode)` for a batch."""
-  block_sizes = kernels.BlockSizes(block_q=attn.block_q, pages_per_block=attn.pages_per_block)
+  if attn.tuning is not None:  # per-device kernel tuning (kernels.tuning)
+    block_sizes = attn.tuning.block_sizes(decode=decode, group=cfg.q_per_kv)
+  else:
+    block_sizes = kernels.BlockSizes(block_q=attn.block_q, pages_per_block=attn.pages_per_block)
   common = dict(layer=layer, rope_theta=cfg.rope_theta, block_sizes=block_sizes,
                 block_pos=batch.block_pos, block_len=batch.block_len)
   if attn.impl == "pallas":
