@@ -179,7 +179,8 @@ def test_forced_top1_counts_disagreements():
   prompt = list(np.random.default_rng(0).integers(3, TINY.vocab_size, size=21))
   out = []
   for _ in range(6):  # greedy continuation by the dense path, one token at a time
-    out.append(int(bench._dense_argmax(params, prompt + out, TINY)[-1]))
+    seq = prompt + out
+    out.append(int(bench.dense_reference(params, seq, TINY, len(seq) - 1)[0][-1]))
   res = {"rounds": [{"round": 0, "outputs": {"a": out}}], "prompts": [{"a": prompt}]}
   got = bench.forced_top1((params, TINY, None), res)
   assert got == {"forced_top1": 1.0, "forced_tokens": 6, "first_top1": 1.0,
@@ -207,3 +208,28 @@ def test_prefill_flops_match_the_matrix_shapes():
   assert c.prefill_flops(positions) == pytest.approx(2 * per_layer * c.n_layers, rel=1e-9)
   assert c.prefill_flops(positions, layers=1) == pytest.approx(2 * per_layer, rel=1e-9)
   assert c.prefill_flops([]) == 0.0
+
+
+def test_dense_next_token_quality_is_exact_on_the_reference_itself():
+  """Log-probs equal to the dense reference's give top-1 1 and KL 0; another distribution
+  does not (the comparison is at each prompt's end, not at the end of its output)."""
+  import jax
+  import numpy as np
+
+  from tokendance_jax import bench, model
+  from tokendance_jax.config import TINY
+
+  params = model.init_params(TINY, jax.random.PRNGKey(1))
+  rng = np.random.default_rng(1)
+  prompts = {a: list(rng.integers(3, TINY.vocab_size, size=n)) for a, n in (("a", 9), ("b", 14))}
+  outputs = {"a": [5, 6], "b": []}
+  ref = {a: bench.dense_reference(params, p + outputs[a], TINY, len(p) - 1)[1]
+         for a, p in prompts.items()}
+  q = bench.dense_next_token_quality((params, TINY, None), prompts, outputs, ref)
+  assert q["top1_agreement"] == 1.0 and q["max_kl"] < 1e-6
+  flat = {a: np.full_like(v, -np.log(v.size)) for a, v in ref.items()}
+  q = bench.dense_next_token_quality((params, TINY, None), prompts, outputs, flat)
+  assert q["mean_kl"] > 0.1
+  # The reference at the prompt's end does not depend on the output that follows it.
+  np.testing.assert_allclose(bench.dense_reference(params, prompts["a"], TINY, 8)[1], ref["a"],
+                             atol=1e-5)

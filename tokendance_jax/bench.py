@@ -348,8 +348,10 @@ def run_method(model, bc: BenchConfig, label: str, agents: int, *, quality: bool
   cache_cfg = CacheConfig(num_pages=pages, page_size=bc.page_size)
   policy = reuse_policy(bc, label)
   method, _ = split_label(label, bc)
+  # Quality is measured against the dense full recompute (`dense_reference`), not a second
+  # paged prefill: the same dense pass then also serves `forced_top1`.
   sess = RoundSession(params, cfg, method=method, policy=policy, cache_cfg=cache_cfg,
-                      quality=quality)
+                      quality=False, keep_logprobs=quality)
   clock, outputs, rows, prompts = CompileClock.get(), [], [], []
   start = time.perf_counter()
   try:
@@ -361,6 +363,8 @@ def run_method(model, bc: BenchConfig, label: str, agents: int, *, quality: bool
       prompts.append({p.agent_id: p.tokens for p in rnd.prompts})
       row = res.to_json()
       row["private_share"] = round_private_share(rnd)
+      if quality:
+        row["quality"] = dense_next_token_quality(model, prompts[-1], res.outputs, res.logprobs)
       row["prefill_compile_seconds"] = clock.within(t0, t0 + res.prefill_seconds)
       row["round_compile_seconds"] = clock.within(t0, t0 + res.round_seconds)
       for phase in ("check", "recompute"):
@@ -372,8 +376,10 @@ def run_method(model, bc: BenchConfig, label: str, agents: int, *, quality: bool
     leaked = sess.allocator.num_used
     del sess
     gc.collect()
+  reuse = method in REUSE_METHODS
   return {"method": label, "preset": bc.preset, "agents": agents, "select": policy.select,
-          "masters": policy.masters, "tau": policy.tau, "policy": dataclasses.asdict(policy),
+          "masters": policy.masters if reuse else None, "tau": policy.tau if reuse else None,
+          "policy": dataclasses.asdict(policy),
           "recompute": bc.recompute, "num_pages": pages, "page_size": bc.page_size,
           "bytes_per_page": cache_cfg.bytes_per_page(cfg), "quality": quality,
           "seconds": time.perf_counter() - start, "leaked_pages": leaked, "rounds": rows,
@@ -533,7 +539,8 @@ def forced_top1(model, res: dict, agents=None) -> dict:
       if not ids or (agents is not None and agent not in agents):
         continue
       n = len(prompts[agent])
-      pred = _dense_argmax(params, list(prompts[agent]) + list(ids), cfg)[n - 1:n - 1 + len(ids)]
+      seq = list(prompts[agent]) + list(ids)
+      pred = dense_reference(params, seq, cfg, n - 1)[0][n - 1:n - 1 + len(ids)]
       hits = pred == np.asarray(ids)
       r_agree, r_total = r_agree + int(hits.sum()), r_total + len(ids)
       first, firsts = first + int(hits[0]), firsts + 1
@@ -545,43 +552,63 @@ def forced_top1(model, res: dict, agents=None) -> dict:
               outputs_reproduced=whole / outputs if outputs else None)
 
 
-_ARGMAX_MEMO: dict[tuple, np.ndarray] = {}
-_ARGMAX_MEMO_LIMIT = 50_000
+_DENSE_MEMO: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+_DENSE_MEMO_LIMIT = 20_000
+_DENSE_OWNERS: dict[int, object] = {}
 
 
-def _dense_argmax(params, tokens: list[int], cfg) -> np.ndarray:
-  """Argmax of the dense full-recompute logits at every position of `tokens` [t].
+def dense_reference(params, tokens: list[int], cfg, at: int) -> tuple[np.ndarray, np.ndarray]:
+  """Full recompute by the unpaged dense path: (argmax of the logits at every position of
+  `tokens` [t], log-probs [vocab] at position `at`).
 
-  Memoized on (params, cfg, tokens): across a sweep most agents generate what
-  the reference generated, so the same sequences come back point after point.
-  The memo keeps each params tree it keys on alive, so an id is never reused.
+  Memoized on (params, cfg, tokens, at): across a sweep most agents generate
+  what the reference generated, so the same sequences come back point after
+  point. The memo keeps each params tree it keys on alive, so an id is never
+  reused.
   """
   import jax.numpy as jnp
 
-  key = (id(params), cfg, tuple(int(x) for x in tokens))
-  if key not in _ARGMAX_MEMO:
-    if len(_ARGMAX_MEMO) >= _ARGMAX_MEMO_LIMIT:
-      _ARGMAX_MEMO.clear()
-    _ARGMAX_OWNERS[id(params)] = params
+  key = (id(params), cfg, tuple(int(x) for x in tokens), int(at))
+  if key not in _DENSE_MEMO:
+    if len(_DENSE_MEMO) >= _DENSE_MEMO_LIMIT:
+      _DENSE_MEMO.clear()
+    _DENSE_OWNERS[id(params)] = params
     t = -(-len(tokens) // 256) * 256  # causal: padding at the end changes no earlier logit
     padded = jnp.asarray(np.pad(np.asarray(tokens, np.int32), (0, t - len(tokens))))
-    _ARGMAX_MEMO[key] = np.asarray(_argmax_fn()(params, padded, cfg=cfg))[:len(tokens)]
-  return _ARGMAX_MEMO[key]
-
-
-_ARGMAX_OWNERS: dict[int, object] = {}
+    argmax, logp = _dense_fn()(params, padded, np.int32(at), cfg=cfg)
+    _DENSE_MEMO[key] = (np.asarray(argmax)[:len(tokens)], np.asarray(logp))
+  return _DENSE_MEMO[key]
 
 
 @functools.cache
-def _argmax_fn():
-  """jit(argmax of dense_forward's logits), built once (jax is imported lazily here)."""
+def _dense_fn():
+  """jit(argmax of dense_forward's logits, log-softmax at one position), built once (jax is
+  imported lazily here)."""
   import jax
   import jax.numpy as jnp
 
   from tokendance_jax import model as model_lib
 
-  return jax.jit(lambda params, tokens, cfg: jnp.argmax(
-      model_lib.dense_forward(params, tokens, cfg=cfg), axis=-1), static_argnames=("cfg",))
+  def fn(params, tokens, at, cfg):
+    logits = model_lib.dense_forward(params, tokens, cfg=cfg)
+    return jnp.argmax(logits, axis=-1), jax.nn.log_softmax(logits[at])
+
+  return jax.jit(fn, static_argnames=("cfg",))
+
+
+def dense_next_token_quality(model, prompts: dict, outputs: dict, logprobs: dict) -> dict:
+  """Next-token top-1 and KL at every prompt's end against the dense full recompute
+  (`session.next_token_quality`), from the method's log-probs there. The dense pass runs
+  over prompt + output (the same sequence `forced_top1` scores, so the memo serves both)."""
+  from tokendance_jax.session import next_token_quality
+
+  params, cfg, _ = model
+  ref, got = [], []
+  for agent, prompt in prompts.items():
+    seq = list(prompt) + list(outputs.get(agent, []))
+    ref.append(dense_reference(params, seq, cfg, len(prompt) - 1)[1])
+    got.append(logprobs[agent])
+  return next_token_quality(np.stack(ref), np.stack(got))
 
 
 def trace_match(ref: dict, res: dict) -> float:

@@ -10,8 +10,9 @@ from tokendance_jax.rounds import MASTERS
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                 help="parameter and KV-cache dtype (float32 is faster on CPU)")
+  p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                 help="parameter and KV-cache dtype (default: bfloat16 on GPU, float32 "
+                      "elsewhere, where it is faster)")
   p.add_argument("--cache-dir", default=None, help="where converted weights are cached (orbax)")
   p.add_argument("--force-kernel", action="store_true",
                  help="use the Pallas kernels on CPU too (interpret mode; slow)")
@@ -74,10 +75,11 @@ def _round_config(args, method: str):
 
 def _model_and_pool(args):
   from tokendance_jax import api
-  from tokendance_jax.config import AttentionConfig, CacheConfig
+  from tokendance_jax.config import AttentionConfig, CacheConfig, default_cache_dtype
 
-  params, cfg, tok = api.load_model(dtype=args.dtype, cache_dir=args.cache_dir)
-  cache_cfg = CacheConfig(num_pages=args.num_pages, page_size=args.page_size, dtype=args.dtype)
+  dtype = args.dtype or default_cache_dtype()
+  params, cfg, tok = api.load_model(dtype=dtype, cache_dir=args.cache_dir)
+  cache_cfg = CacheConfig(num_pages=args.num_pages, page_size=args.page_size, dtype=dtype)
   return params, cfg, tok, cache_cfg, AttentionConfig.default_for_backend(
       force_kernel=args.force_kernel)
 

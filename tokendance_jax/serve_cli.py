@@ -30,7 +30,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                       "the newest snapshot is restored on start")
   p.add_argument("--log-level", default="info",
                  choices=["critical", "error", "warning", "info", "debug"])
-  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                 help="weights and K/V (default: bfloat16 on GPU, float32 elsewhere)")
   p.add_argument("--cache-dir", default=None, help="where converted weights are cached (orbax)")
   p.add_argument("--force-kernel", action="store_true",
                  help="use the Pallas kernels on CPU too (interpret mode; slow)")

@@ -1173,7 +1173,7 @@ def _prometheus(worker: Worker) -> str:
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000, *, engine=None, tokenizer=None,
-          dtype: str = "float32", cache_dir=None, num_pages: int = 1024, page_size: int = 16,
+          dtype: str | None = None, cache_dir=None, num_pages: int = 1024, page_size: int = 16,
           max_batch: int = 32, force_kernel: bool = False, log_level: str = "info",
           **config) -> None:
   """Load the real model (unless `engine` and `tokenizer` are given) and serve until stopped.

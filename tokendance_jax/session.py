@@ -83,9 +83,12 @@ class RoundResult:
   output_keys: dict[str, str]  # segment id of each output, for SegmentRef in the next round
   quality: dict | None
   stats: dict
+  # {agent: [vocab] float32} next-token log-probs at each prompt's end (keep_logprobs)
+  logprobs: dict[str, np.ndarray] | None = None
 
   def to_json(self) -> dict:
-    out = dataclasses.asdict(self)
+    out = dataclasses.asdict(dataclasses.replace(self, logprobs=None))
+    del out["logprobs"]
     if self.quality is None:
       del out["quality"]
     return out
@@ -102,6 +105,8 @@ class RoundSession:
     attn: attention implementation (default: per backend).
     sampling: temperature / top-k / top-p / seed for every agent (greedy by default).
     quality: also prefill each round with `full` (untimed) and compare next-token distributions.
+    keep_logprobs: return each agent's next-token log-probs at its prompt's end
+      (`RoundResult.logprobs`), for a caller that compares them with a reference of its own.
     max_prefill_tokens: tokens per prefill / recompute batch.
     keep_masters: keep masters a round does not use (evicted least recently used
       when the pool runs short) instead of dropping them; for request streams
@@ -113,7 +118,7 @@ class RoundSession:
                policy: ReusePolicy = ReusePolicy(), cache_cfg: CacheConfig = CacheConfig(),
                attn: AttentionConfig | None = None, sampling: SamplingParams = SamplingParams(),
                quality: bool = True, max_prefill_tokens: int = 4096, progress: bool = False,
-               mesh=None, keep_masters: bool = False):
+               mesh=None, keep_masters: bool = False, keep_logprobs: bool = False):
     if method not in METHODS:
       raise ValueError(f"method={method!r}; expected one of {', '.join(METHODS)}")
     self.cfg, self.params, self.method, self.policy = cfg, params, method, policy
@@ -136,6 +141,8 @@ class RoundSession:
       self.allocator.reclaim = self.masters.evict
     self.prefix = PrefixCache(self.allocator) if method == "prefix" else None
     self.sampling, self.quality, self.progress = sampling, quality, progress
+    self.keep_logprobs = keep_logprobs
+    self._want_logits = quality or keep_logprobs  # the prefill returns next-token log-probs
     self.page_bytes = cache_cfg.bytes_per_page(cfg)
     self.round_index = 0
     self.known: dict[str, tuple[int, ...]] = {}  # key -> tokens of every shared segment seen
@@ -199,6 +206,9 @@ class RoundSession:
         shared_kv_bytes_per_agent=fp.shared_region_pages * self.page_bytes / n,
         pages_in_use=fp.pages_in_use, outputs=outputs, output_keys=output_keys, quality=quality,
         stats=stats)
+    if self.keep_logprobs:
+      lp = np.asarray(logprobs)
+      result.logprobs = {a.agent_id: lp[i] for i, a in enumerate(agents)}
     self.round_index += 1
     return result
 
@@ -356,7 +366,7 @@ class RoundSession:
         a.recompute = np.arange(a.compute_from, len(a.tokens))
       chunks = [(a.table, a.tokens, a.recompute) for a in agents]
       with self._phase(stats, "recompute"):
-        return self._run(chunks, want_logits=self.quality)
+        return self._run(chunks, want_logits=self._want_logits)
     if self.method == "tokendance":
       return self._collect(agents, stats, collective=True)
     firsts, logps = [], []
@@ -364,7 +374,7 @@ class RoundSession:
       f, lp = self._collect([a], stats, collective=False)
       firsts += f
       logps.append(lp)
-    return firsts, (jnp.concatenate(logps) if self.quality else None)
+    return firsts, (jnp.concatenate(logps) if self._want_logits else None)
 
   def _collect(self, agents: list[AgentState], stats: dict, collective: bool):
     """Reuse + selective recompute for a group of agents (all of them when collective)."""
@@ -390,7 +400,7 @@ class RoundSession:
       for a, sel in zip(agents, selected, strict=True):
         a.recompute = np.flatnonzero(sel | ~a.shared_mask)
       return self._run([(a.table, a.tokens, a.recompute) for a in agents],
-                       want_logits=self.quality)
+                       want_logits=self._want_logits)
 
   @contextlib.contextmanager
   def _phase(self, stats: dict, name: str):
