@@ -158,3 +158,17 @@ def test_deviation_is_relative_to_the_reused_key_norm(params):
   rel = np.sqrt(dev[5] / norm[5])
   np.testing.assert_allclose(rel, 0.1 / 1.1, rtol=1e-4)
   np.testing.assert_allclose(norm[5], float(jnp.sum(jnp.square(key * 1.1))), rtol=1e-5)
+
+
+def test_deviation_profile_reports_relative_deviation_per_page_or_token():
+  dev = np.array([0.0, 0.04, 1.0, 1.0, 9.0, 0.0])
+  norm = np.array([1.0, 1.0, 4.0, 4.0, 9.0, 1.0])
+  cand = np.array([True, True, True, True, True, False])
+  tok = collector.deviation_profile(dev, norm, cand)
+  assert tok["items"] == 5 and tok["exact"] == 1
+  assert tok["max"] == pytest.approx(1.0) and tok["p50"] == pytest.approx(0.5)
+  page = collector.deviation_profile(dev, norm, cand, block=np.array([0, 0, 1, 1, 2, 2]))
+  assert page["items"] == 3 and page["exact"] == 0
+  assert page["max"] == pytest.approx(1.0)  # page 2: 9 / 9 (the non-candidate does not count)
+  assert page["p50"] == pytest.approx(0.5)  # page 1: sqrt(2 / 8)
+  assert collector.deviation_profile(dev, norm, np.zeros(6, bool)) == {"items": 0}

@@ -318,7 +318,8 @@ def test_session_takes_the_master_policy_and_threshold(live):
     policy = worker.sessions[sid].rs.policy
     made[extra.get("masters", "context")] = (policy.masters, policy.tau)
     for k in range(2):
-      assert client.post(f"/v1/sessions/{sid}/rounds", json={"message": f"R{k}."}).status_code == 200
+      r = client.post(f"/v1/sessions/{sid}/rounds", json={"message": f"R{k}."})
+      assert r.status_code == 200, r.text
     sources = {m.source for m in worker.sessions[sid].rs.masters.masters.values()}
     expected = {"context": {"context"}, "anchored": {"prefill"}, "decode": {"prefill", "decode"}}
     assert sources <= expected[policy.masters], sources

@@ -445,6 +445,8 @@ def summary(res: dict) -> dict:
   per_agent = recompute_per_agent(rows)
   if per_agent:
     out["shared_recomputed_by_agent"] = per_agent
+  if "deviation" in rows[-1]["stats"]:  # relative key deviation at the check layer, last round
+    out["deviation"] = rows[-1]["stats"]["deviation"]
   if "prefill_compile_seconds" in rows[0]:
     out["prefill_compile_seconds"] = mean("prefill_compile_seconds")
     out["round_compile_seconds"] = mean("round_compile_seconds")

@@ -22,6 +22,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tokendance_jax import model
 from tokendance_jax.config import AttentionConfig, ModelConfig
@@ -103,6 +104,26 @@ def select_tokens(deviation, norm, agent, block, candidate, budget, tau, *, num_
     return candidate & chosen_b[block]
   eligible = candidate & over(deviation, norm)
   return _rank_select(deviation, agent, jnp.ones_like(agent), eligible, budget, num_agents)
+
+
+def deviation_profile(deviation, norm, candidate, block=None) -> dict:
+  """Quantiles of the relative key deviation ||dk|| / ||k|| the threshold mode compares with
+  tau: per candidate token, or per page (summed over its candidate tokens) when `block` [t]
+  is given. Host-side numpy over `select_tokens`' inputs; for choosing tau.
+  """
+  dev = np.where(candidate, deviation, 0.0).astype(np.float64)
+  nrm = np.where(candidate, norm, 0.0).astype(np.float64)
+  if block is not None:
+    dev, nrm = np.bincount(block, dev), np.bincount(block, nrm)
+    keep = np.bincount(block, candidate.astype(np.int64)) > 0
+  else:
+    keep = np.asarray(candidate, bool)
+  rel = np.sqrt(dev[keep] / np.maximum(nrm[keep], 1e-30))
+  if rel.size == 0:
+    return {"items": 0}
+  q = np.quantile(rel, [0.5, 0.9, 0.99])
+  return {"items": int(rel.size), "exact": int(np.sum(rel == 0)), "p50": float(q[0]),
+          "p90": float(q[1]), "p99": float(q[2]), "max": float(rel.max())}
 
 
 def _rank_select(score, owner, weight, eligible, budget, num_agents):

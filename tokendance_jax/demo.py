@@ -78,7 +78,8 @@ def report(result: dict, bc) -> str:
            "apart; agreement with full recompute: every round, "
            f"{result['judged']} agents teacher-forced", "",
            f"{'method':11s} {'KV/agent MiB':>12s} {'shared KV/agent':>15s} {'prefill s':>9s} "
-           f"{'compile s':>9s} {'computed':>8s} {'forced top-1':>12s} {'outputs full reproduces':>24s}"]
+           f"{'compile s':>9s} {'computed':>8s} {'forced top-1':>12s} "
+           f"{'outputs full reproduces':>24s}"]
   for method, p in pts.items():
     lines.append(
         f"{method:11s} {p['kv_bytes_per_agent'] / mib:12.2f} "

@@ -388,7 +388,9 @@ class RoundSession:
         self._copy(src, dst)
       stats["pages_copied"] += len(src)
     with self._phase(stats, "check"):
-      selected = self._select(agents)  # ends in a host sync (the selection mask)
+      # ends in a host sync (the selection mask); the round's deviation profile comes from the
+      # collective step (per-request runs would each see one agent)
+      selected = self._select(agents, stats if collective else None)
     if self.policy.select != "epic":
       stats["check_flops"] += sum(self.cfg.prefill_flops(np.arange(len(a.tokens)),
                                                          layers=self.policy.check_layer + 1)
@@ -424,8 +426,9 @@ class RoundSession:
   def _budget(self, a: AgentState) -> int:
     return int(round(self.policy.recompute * int(a.shared_mask.sum())))
 
-  def _select(self, agents: list[AgentState]) -> list[np.ndarray]:
-    """Per agent: bool [prompt tokens] of reused tokens to recompute."""
+  def _select(self, agents: list[AgentState], stats: dict | None) -> list[np.ndarray]:
+    """Per agent: bool [prompt tokens] of reused tokens to recompute. Records the relative
+    deviation's quantiles (per page or per token, as selected) in stats["deviation"]."""
     shared = [a.shared_mask for a in agents]
     if self.policy.select == "epic":
       return [self._epic(a, m) for a, m in zip(agents, shared, strict=True)]
@@ -437,11 +440,15 @@ class RoundSession:
     t = bucket(len(candidate), 16)
     pad = lambda x, v=0: np.pad(x, (0, t - len(x)), constant_values=v)  # noqa: E731
     budget = np.array([self._budget(a) for a in agents], np.int32)
+    by_block = self.policy.select == "block"
+    if stats is not None:
+      stats["deviation"] = collector.deviation_profile(dev, norm, candidate,
+                                                       blocks if by_block else None)
     tau = -1.0 if self.policy.tau is None else float(self.policy.tau)
     mask = collector.select_tokens(
         pad(dev), pad(norm), pad(agent_ids).astype(np.int32), pad(blocks).astype(np.int32),
         pad(candidate, False), budget, np.float32(tau), num_agents=len(agents),
-        by_block=self.policy.select == "block")
+        by_block=by_block)
     mask = np.asarray(mask)[: len(candidate)]  # the one host sync of the collector
     return np.split(mask, np.cumsum([len(a.tokens) for a in agents])[:-1])
 
