@@ -1,17 +1,18 @@
 """Capacity model: how many agents' KV fit at paper scale, per method.
 
 Measured input: per-agent KV of each method on a real round (SmolLM2-135M,
-agent_society, 32 agents, docs/results/round_bench.json, last round). Bytes
-are converted to *pages per agent* (page size 16), which depends on the
-workload's token layout and the method's mirror fraction, not on the model;
-the projection multiplies pages by a target model's page bytes and divides a
-device's free HBM by it.
+agent_society), from a `tokendance bench storage` JSON (its largest agent
+count with both prefix and tokendance; default docs/results/bench_storage.json)
+or a `benchmarks/round_bench.py` JSON (last round). Bytes are converted to
+*pages per agent* (page size 16), which depends on the workload's token layout
+and the method's mirror fraction, not on the model; the projection multiplies
+pages by a target model's page bytes and divides a device's free HBM by it.
 
     python benchmarks/capacity_model.py --json docs/results/capacity_model.json \\
         --plot docs/results/capacity_model.png
 
 Assumed (not measured here): that pages per agent carry over to Qwen2.5-7B /
-14B on the same workload (same prompt lengths, same 15% block recompute);
+14B on the same workload (same prompt lengths, same recompute);
 bf16 KV and weights; 90% of HBM usable for weights + KV (the rest:
 activations, workspace — vLLM's default utilization); tensor parallelism
 splits weights evenly and KV by kv heads, replicating kv heads once TP
@@ -67,8 +68,10 @@ PAPER_RATIO = 2.7  # TokenDance vs vLLM prefix caching, agents under a 1500 ms S
 
 
 def measured_pages(path: pathlib.Path) -> dict:
-  """Pages per agent of each method from a round_bench.json (the measured input)."""
+  """Pages per agent of each method from a bench storage or round_bench JSON."""
   data = json.loads(path.read_text())
+  if data.get("experiment") == "storage":
+    return _from_storage(data, path)
   run = {r["method"]: r for r in data["runs"]}
   out = {"source": str(path.relative_to(ROOT)), "model": data["model"],
          "preset": data["preset"], "agents": data["agents"], "page_size": data["page_size"],
@@ -81,6 +84,29 @@ def measured_pages(path: pathlib.Path) -> dict:
         "shared_kv_mib_per_agent": last["shared_kv_bytes_per_agent"] / 2**20,
         "pages_per_agent": last["kv_bytes_per_agent"] / page_bytes,
         "prompt_tokens_per_agent": last["stats"]["prompt_tokens"] / data["agents"]}
+  return out
+
+
+def _from_storage(data: dict, path: pathlib.Path) -> dict:
+  """A `tokendance bench storage` result: its largest agent count with prefix and tokendance."""
+  at = {(p["method"], p["agents"]): p for p in data["points"] if p["kind"] in ("run", "quality")}
+  both = [n for m, n in at if m == "tokendance" and ("prefix", n) in at]
+  if not both:
+    raise ValueError(f"{path}: no agent count with both prefix and tokendance points")
+  n = max(both)
+  out = {"source": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path),
+         "model": data["model"], "preset": data["preset"], "agents": n,
+         "page_size": data["config"]["page_size"], "recompute": data["config"]["recompute"],
+         "select": data["config"]["select"], "methods": {}}
+  for method in METHODS:
+    p = at.get((method, n))
+    if p is None:
+      continue
+    out["methods"][method] = {
+        "kv_mib_per_agent": p["kv_bytes_per_agent"] / 2**20,
+        "shared_kv_mib_per_agent": p["shared_kv_bytes_per_agent"] / 2**20,
+        "pages_per_agent": p["kv_bytes_per_agent"] / p["bytes_per_page"],
+        "prompt_tokens_per_agent": p["prompt_tokens_per_agent"]}
   return out
 
 
@@ -111,7 +137,7 @@ def project(measured: dict) -> list[dict]:
   return rows
 
 
-def plot(rows: list[dict], path: pathlib.Path) -> None:
+def plot(rows: list[dict], path: pathlib.Path, source: str) -> None:
   import matplotlib
 
   matplotlib.use("Agg")
@@ -122,7 +148,7 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
     sel = [r for r in rows if r["model"] == model]
     labels = [f"{'GPU' if 'A100' in r['hardware'] else 'v5e'} x{r['chips']}" for r in sel]
     width = 0.27
-    for k, method in enumerate(METHODS):
+    for k, method in enumerate(m for m in METHODS if m in sel[0]):
       ys = [r[method]["max_agents"] for r in sel]
       ax.bar([i + (k - 1) * width for i in range(len(sel))], ys, width, label=method)
     ax.set_xticks(range(len(sel)), labels, rotation=30)
@@ -130,7 +156,7 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
     ax.set_title(f"{model}: agents whose KV fits (bf16, 90% HBM)")
     ax.set_ylabel("max agents per tensor-parallel group")
   axes[0].legend()
-  fig.suptitle("Projected from measured pages/agent (SmolLM2, agent_society, 32 agents); "
+  fig.suptitle(f"Projected from measured pages/agent ({source}); "
                f"paper: {PAPER_RATIO}x vs prefix under a 1500 ms SLO", fontsize=9)
   fig.tight_layout()
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -139,7 +165,7 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--input", default=str(ROOT / "docs/results/round_bench.json"))
+  p.add_argument("--input", default=str(ROOT / "docs/results/bench_storage.json"))
   p.add_argument("--json", default=str(ROOT / "docs/results/capacity_model.json"))
   p.add_argument("--plot", default=str(ROOT / "docs/results/capacity_model.png"))
   args = p.parse_args(argv)
@@ -162,20 +188,23 @@ def main(argv=None) -> int:
       "memory_ratio_prefix_over_tokendance": (m["prefix"]["pages_per_agent"]
                                               / m["tokendance"]["pages_per_agent"]),
       "memory_ratio_full_over_tokendance": (m["full"]["pages_per_agent"]
-                                            / m["tokendance"]["pages_per_agent"]),
+                                            / m["tokendance"]["pages_per_agent"]
+                                            if "full" in m else None),
       "paper_ratio_vs_prefix_under_slo": PAPER_RATIO,
       "rows": rows,
   }
   pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
   pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
-  plot(rows, pathlib.Path(args.plot))
+  plot(rows, pathlib.Path(args.plot),
+       f"SmolLM2, {measured['preset']}, {measured['agents']} agents")
   print("pages/agent: " + ", ".join(f"{k} {v['pages_per_agent']:.1f}" for k, v in m.items()))
-  print(f"{'model':12s} {'hardware':22s} chips  " + "  ".join(f"{k:>10s}" for k in METHODS)
+  shown = [k for k in METHODS if k in m]
+  print(f"{'model':12s} {'hardware':22s} chips  " + "  ".join(f"{k:>10s}" for k in shown)
         + "  td/prefix")
   for r in rows:
     ratio = f"{r['tokendance_over_prefix']:.2f}" if r["tokendance_over_prefix"] else "-"
     print(f"{r['model']:12s} {r['hardware']:22s} {r['chips']:5d}  "
-          + "  ".join(f"{r[k]['max_agents']:10d}" for k in METHODS) + f"  {ratio}")
+          + "  ".join(f"{r[k]['max_agents']:10d}" for k in shown) + f"  {ratio}")
   print(f"wrote {args.json} and {args.plot}")
   return 0
 

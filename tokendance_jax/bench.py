@@ -132,6 +132,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--quality-agents", default=None,
                  help="agent counts where quality vs full is measured (default: the smallest)")
   p.add_argument("--no-quality", action="store_true", help="skip quality and the full reference")
+  p.add_argument("--judge-agents", type=int, default=None,
+                 help="measure quality on the first K agents only (the dense full-recompute "
+                      "reference, so no `full` run is added); for large agent counts")
   p.add_argument("--profile", default=None, metavar="DIR",
                  help="write a jax.profiler trace of the run to DIR (phases are named "
                       "tokendance/check, /recompute, /copy, /master_prefill; open in Perfetto) "
@@ -163,6 +166,7 @@ class BenchConfig:
   quick: bool
   fractions: list[float] = dataclasses.field(default_factory=list)  # sweep: recompute values
   taus: list[float] = dataclasses.field(default_factory=list)  # sweep: thresholds (cap: recompute)
+  judge_agents: int | None = None  # quality on the first K agents only (None: every agent)
   selects: list[str] = dataclasses.field(default_factory=list)  # sweep: selections
 
 
@@ -193,6 +197,8 @@ def config_from_args(args) -> BenchConfig:
       raise ValueError(f"--{name.replace('_', '-')} {value!r} must be >= 1")
   if args.check_layer < 0 or args.seed < 0:
     raise ValueError(f"--check-layer {args.check_layer!r} and --seed {args.seed!r} must be >= 0")
+  if args.judge_agents is not None and args.judge_agents < 1:
+    raise ValueError(f"--judge-agents {args.judge_agents!r} must be >= 1")
   if not args.slo_seconds > 0:
     raise ValueError(f"--slo-seconds {args.slo_seconds!r} must be > 0")
   fractions, selects, taus = [args.recompute], [args.select], []
@@ -221,7 +227,8 @@ def config_from_args(args) -> BenchConfig:
       check_layer=args.check_layer, masters=masters, tau=args.tau,
       max_tokens=pick("max_tokens"), num_pages=pick("num_pages"),
       page_size=args.page_size, slo_seconds=args.slo_seconds, order=args.order, seed=args.seed,
-      quality_agents=quality, quick=args.quick, fractions=fractions, selects=selects, taus=taus)
+      quality_agents=quality, quick=args.quick, fractions=fractions, selects=selects, taus=taus,
+      judge_agents=args.judge_agents)
 
 
 def _choice(flag: str, value, choices) -> None:
@@ -364,7 +371,8 @@ def run_method(model, bc: BenchConfig, label: str, agents: int, *, quality: bool
       row = res.to_json()
       row["private_share"] = round_private_share(rnd)
       if quality:
-        row["quality"] = dense_next_token_quality(model, prompts[-1], res.outputs, res.logprobs)
+        judged = {a: p for a, p in prompts[-1].items() if a in judged_agents(bc, agents)}
+        row["quality"] = dense_next_token_quality(model, judged, res.outputs, res.logprobs)
       row["prefill_compile_seconds"] = clock.within(t0, t0 + res.prefill_seconds)
       row["round_compile_seconds"] = clock.within(t0, t0 + res.round_seconds)
       for phase in ("check", "recompute"):
@@ -384,6 +392,12 @@ def run_method(model, bc: BenchConfig, label: str, agents: int, *, quality: bool
           "bytes_per_page": cache_cfg.bytes_per_page(cfg), "quality": quality,
           "seconds": time.perf_counter() - start, "leaked_pages": leaked, "rounds": rows,
           "prompts": prompts}
+
+
+def judged_agents(bc: BenchConfig, agents: int) -> set[str]:
+  """The agents whose quality is measured: the first --judge-agents, or all."""
+  k = agents if bc.judge_agents is None else min(bc.judge_agents, agents)
+  return {f"agent{i}" for i in range(k)}
 
 
 def reuse_policy(bc: BenchConfig, label: str):
@@ -481,6 +495,10 @@ def run_point(res: dict, ref: dict | None) -> dict:
                              "master_prefill_seconds"))
   p["other_seconds"] = max(p["prefill_seconds"] - parts, 0.0)  # the parts include compile
   p["num_pages"], p["rounds"] = res["num_pages"], len(res["rounds"])
+  p["bytes_per_page"] = res["bytes_per_page"]
+  rows = [r for r in res["rounds"] if r["round"] >= 1] or res["rounds"]
+  p["prompt_tokens_per_agent"] = float(np.mean([r["stats"]["prompt_tokens"] for r in rows])
+                                       / res["agents"])
   p.update(arithmetic(res))
   p["per_round"] = [_round_row(r) for r in res["rounds"]]
   if ref is not None and ref is not res:
@@ -633,7 +651,7 @@ def _plan(bc: BenchConfig) -> list[tuple[int, str, bool]]:
   for n in bc.agents:
     q = n in bc.quality_agents
     active = [m for m, cap in bc.methods if cap is None or n <= cap]
-    if q and "full" not in active:
+    if q and "full" not in active and bc.judge_agents is None:  # for the trace match
       active = ["full", *active]
     active.sort(key=lambda m: m != "full")
     runs += [(n, m, q and m != "full") for m in active]
@@ -648,6 +666,8 @@ def run_sweep(model, bc: BenchConfig, log) -> list[dict]:
     if method == "full" and n in bc.quality_agents:
       refs[n] = res
     p = run_point(res, refs.get(n))
+    if quality:
+      p.update(forced_top1(model, res, agents=judged_agents(bc, n)))
     if method == "full" and not any(m == "full" and (c is None or n <= c) for m, c in bc.methods):
       p["kind"] = "reference"
     points.append(p)
@@ -664,7 +684,8 @@ def run_fraction_sweep(model, bc: BenchConfig, log) -> list[dict]:
   points = []
   for n in bc.agents:
     ref = run_method(model, bc, "full", n, quality=False, num_pages=bc.num_pages)
-    p = dict(run_point(ref, ref), kind="reference", **forced_top1(model, ref))
+    p = dict(run_point(ref, ref), kind="reference",
+             **forced_top1(model, ref, agents=judged_agents(bc, n)))
     points.append(p)
     log(p, _line(p))
     base = run_point(run_method(model, bc, "prefix", n, quality=False, num_pages=bc.num_pages),
@@ -680,7 +701,8 @@ def run_fraction_sweep(model, bc: BenchConfig, log) -> list[dict]:
         for f, tau in settings:
           b = dataclasses.replace(bc, select="block" if epic else select, recompute=f, tau=tau)
           res = run_method(model, b, label, n, quality=True, num_pages=bc.num_pages)
-          p = dict(run_point(res, ref), kind="sweep", **forced_top1(model, res))
+          p = dict(run_point(res, ref), kind="sweep",
+                   **forced_top1(model, res, agents=judged_agents(bc, n)))
           p["select"] = res["select"]
           for key, name in (("shared_kv_bytes_per_agent", "shared_kv_vs_prefix"),
                             ("kv_bytes_per_agent", "whole_kv_vs_prefix")):
