@@ -310,3 +310,20 @@ def test_phases_are_timed_and_traced(params, tmp_path):
   assert rec["spans"] >= 2 and 0 < rec["thunk_seconds"]
   assert any("model_step" in f for f in rec["by_function"])
   assert any("check_deviation" in f for f in summary["check"]["by_function"])
+
+
+@pytest.mark.parametrize("masters", ["context", "anchored"])
+def test_the_check_skips_the_exact_head_and_selects_the_same(params, monkeypatch, masters):
+  """The system prompt every prompt starts with has an exact master, so the check does not
+  recompute it: fewer tokens checked, and the same selection, outputs and cache as a check
+  over every token (the head's deviation is 0 either way)."""
+  policy = ReusePolicy(select="cacheblend", recompute=0.3, masters=masters)
+  _, fast = run(params, "tokendance", policy, rounds=2, quality=False)
+  monkeypatch.setattr(RoundSession, "_exact_head", lambda self, a: 0)
+  _, slow = run(params, "tokendance", policy, rounds=2, quality=False)
+  system = Workload().system
+  for a, b in zip(fast, slow, strict=True):
+    assert a.outputs == b.outputs
+    assert a.stats["shared_recomputed_per_agent"] == b.stats["shared_recomputed_per_agent"]
+    assert a.stats["checked_tokens"] == b.stats["checked_tokens"] - N_AGENTS * len(system)
+    assert a.stats["pages_copied"] == b.stats["pages_copied"]

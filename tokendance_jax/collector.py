@@ -141,6 +141,16 @@ def _rank_select(score, owner, weight, eligible, budget, num_agents):
   return jnp.zeros_like(eligible).at[order].set(chosen)
 
 
+@functools.partial(jax.jit, donate_argnames=("scratch",))
+def copy_layers(scratch: model.KVCache, cache: model.KVCache, src, dst) -> model.KVCache:
+  """scratch pages dst[i] <- cache pages src[i] in the scratch's layers (the first of the
+  cache's); dst out of range is skipped (padding)."""
+  n = scratch.k.shape[0]
+  return model.KVCache(
+      k=scratch.k.at[:, :, dst].set(cache.k[:n, :, src].astype(scratch.k.dtype), mode="drop"),
+      v=scratch.v.at[:, :, dst].set(cache.v[:n, :, src].astype(scratch.v.dtype), mode="drop"))
+
+
 @functools.partial(jax.jit, donate_argnames=("cache",))
 def copy_pages(cache: model.KVCache, src, dst) -> model.KVCache:
   """cache pages dst[i] <- src[i] in every layer; dst out of range is skipped (padding)."""

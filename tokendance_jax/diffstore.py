@@ -24,7 +24,10 @@ class Master:
   key: str
   tokens: tuple[int, ...]
   pages: list[int]
-  source: str  # "prefill" (standalone) or "decode" (an agent's own output, free)
+  source: str  # "context", "prefill" (standalone after the anchor) or "decode" (an output)
+  # segment_key of the tokens this master was computed after (None: unknown, e.g. decode).
+  # A reader whose prompt holds exactly these tokens before the segment gets its K/V exactly.
+  context: str | None = None
 
 
 class MasterRegistry:
@@ -41,12 +44,13 @@ class MasterRegistry:
     self.masters[key] = self.masters.pop(key)  # most recently used last
     return self.masters[key]
 
-  def add(self, key: str, tokens, pages: list[int], source: str) -> None:
+  def add(self, key: str, tokens, pages: list[int], source: str,
+          context: str | None = None) -> None:
     """Register pages (the caller's references pass to the registry)."""
     if key in self.masters:
       self.allocator.free(pages)  # an identical block is already stored
       return
-    self.masters[key] = Master(key, tuple(tokens), list(pages), source)
+    self.masters[key] = Master(key, tuple(tokens), list(pages), source, context)
 
   def retain_only(self, keys) -> int:
     """Drop masters not in `keys`; returns how many were dropped."""

@@ -32,7 +32,8 @@ from tokendance_jax.config import AttentionConfig, CacheConfig, ModelConfig
 from tokendance_jax.engine import Engine, _model_step_logits, bucket, build_batch
 from tokendance_jax.paging import BlockTable, OutOfPages, pages_needed
 from tokendance_jax.prefix_cache import PrefixCache
-from tokendance_jax.rounds import METHODS, REUSE_METHODS, ReusePolicy, Round, Segment
+from tokendance_jax.rounds import (METHODS, REUSE_METHODS, ReusePolicy, Round, Segment,
+                                   segment_key)
 from tokendance_jax.sampling import SamplingParams
 
 __all__ = ["METHODS", "REUSE_METHODS", "AgentState", "RoundResult", "RoundSession",
@@ -54,6 +55,7 @@ class AgentState:
   finish_reason: str | None = None
   mirror_blocks: set[int] = dataclasses.field(default_factory=set)
   recompute: np.ndarray | None = None  # positions recomputed by reuse methods
+  exact_head: int = 0  # leading positions whose reused K/V are exact (the check skips them)
 
   @functools.cached_property
   def shared_mask(self) -> np.ndarray:
@@ -322,7 +324,8 @@ class RoundSession:
       for seg, b0, n in made:
         pages = table.pages[b0:b0 + n]
         self.allocator.share(pages)  # the registry's reference
-        self.masters.add(seg.key, seg.tokens, pages, source="context")
+        self.masters.add(seg.key, seg.tokens, pages, source="context",
+                         context=segment_key(tokens[:table.starts[b0]]))
     finally:
       table.release(self.allocator)
     if self.keep_masters:
@@ -355,7 +358,8 @@ class RoundSession:
     n_ctx_pages = len(ctx.pages) if ctx is not None else 0
     for table, seg in zip(tables, segs, strict=True):
       self.allocator.free(table.pages[:n_ctx_pages])
-      self.masters.add(seg.key, seg.tokens, table.pages[n_ctx_pages:], source="prefill")
+      self.masters.add(seg.key, seg.tokens, table.pages[n_ctx_pages:], source="prefill",
+                       context=segment_key(ctx.tokens if ctx is not None else ()))
     if self.keep_masters:
       self._pin([s.key for s in segs])
 
@@ -392,7 +396,8 @@ class RoundSession:
       # collective step (per-request runs would each see one agent)
       selected = self._select(agents, stats if collective else None)
     if self.policy.select != "epic":
-      stats["check_flops"] += sum(self.cfg.prefill_flops(np.arange(len(a.tokens)),
+      stats["checked_tokens"] += sum(len(a.tokens) - a.exact_head for a in agents)
+      stats["check_flops"] += sum(self.cfg.prefill_flops(np.arange(a.exact_head, len(a.tokens)),
                                                          layers=self.policy.check_layer + 1)
                                   for a in agents)
     if collective:
@@ -462,50 +467,90 @@ class RoundSession:
   def _block_ids(self, a: AgentState) -> np.ndarray:
     return a.table.slots(0, len(a.tokens)) // self.cache_cfg.page_size
 
+  def _exact_head(self, a: AgentState) -> int:
+    """Leading positions of `a` whose reused K/V equal what `a` computes: the run of shared
+    segments whose masters were computed after exactly the tokens that precede them here."""
+    head = 0
+    for p0, _, seg in a.seg_spans:
+      m = self.masters.masters.get(seg.key) if seg.shared else None
+      if m is None or m.context is None or m.context != segment_key(a.tokens[:p0]):
+        break
+      head = p0 + len(seg)
+    return head
+
   def _deviation(self, agents: list[AgentState]) -> tuple[np.ndarray, np.ndarray]:
     """Batched check at the check layer for every prompt token: (squared deviation of fresh
-    from reused keys, squared norm of the reused key), each [t]."""
+    from reused keys, squared norm of the reused key), each [t].
+
+    Each agent's exact head (`_exact_head`: e.g. the system prompt and world state every
+    prompt starts with) is not recomputed: its pages' first layers are copied once into the
+    scratch cache, where every agent's check reads them, and its deviation is 0.
+    """
     ps, layer = self.cache_cfg.page_size, self.policy.check_layer
-    total_pages = sum(pages_needed(len(a.tokens), ps) for a in agents)
-    scratch = self._scratch_cache(total_pages + 1)
-    tables, nxt = [], 1
+    scratch_of: dict[int, int] = {}  # main-cache page of an exact head -> its scratch copy
+    tables = []
     for a in agents:
+      a.exact_head = self._exact_head(a)
       t = BlockTable(ps)
-      n = pages_needed(len(a.tokens), ps)
-      t.pages, t.starts, t.lens = list(range(nxt, nxt + n)), [j * ps for j in range(n)], [ps] * n
+      for p0, b0, seg in a.seg_spans:
+        if p0 >= a.exact_head:
+          break
+        pages = [scratch_of.setdefault(a.table.pages[b], 1 + len(scratch_of))
+                 for b in range(b0, b0 + pages_needed(len(seg), ps))]
+        t.append_segment(pages, len(seg))
       tables.append(t)
-      nxt += n
+    nxt = 1 + len(scratch_of)
+    for a, t in zip(agents, tables, strict=True):  # the rest of each prompt: its own pages
+      rest = len(a.tokens) - a.exact_head
+      t.append_segment(list(range(nxt, nxt + pages_needed(rest, ps))), rest)
+      nxt += pages_needed(rest, ps)
+    scratch = self._scratch_cache(nxt)
+    if scratch_of:
+      src, dst = zip(*scratch_of.items(), strict=True)
+      scratch = collector.copy_layers(scratch, self.engine.cache, self._pad_pages(src, 0),
+                                      self._pad_pages(dst, scratch.num_pages))
     devs, norms = [], []
-    for group in self._token_groups(agents):
-      batch, _ = build_batch([(tables[i], agents[i].tokens, np.arange(len(agents[i].tokens)))
-                              for i in group])
+    sizes = [len(a.tokens) - a.exact_head for a in agents]
+    for group in self._token_groups(sizes):
+      chunks = [(tables[i], agents[i].tokens, np.arange(agents[i].exact_head,
+                                                        len(agents[i].tokens))) for i in group]
+      batch, _ = build_batch(chunks)
       reuse = np.full(batch.tokens.shape[0], -1, np.int32)
       cursor = 0
       for i in group:
-        a, n = agents[i], len(agents[i].tokens)
-        shared = a.shared_mask
-        reuse[cursor:cursor + n] = np.where(shared, a.table.slots(0, n), -1)
-        cursor += n
+        a, h, n = agents[i], agents[i].exact_head, len(agents[i].tokens)
+        reuse[cursor:cursor + n - h] = np.where(a.shared_mask[h:], a.table.slots(h, n), -1)
+        cursor += n - h
       if self.engine.mesh_plan is not None:
         batch, = self.engine.place(batch)
         reuse = self.engine.mesh_plan.shard_tokens(reuse)
       check = self.engine.jitted(collector.check_deviation, 2, self._scratch_sharding())
       dev, norm, scratch = check(self.params, scratch, self.engine.cache.k[layer], batch, reuse,
                                  cfg=self.cfg, attn=self.attn, check_layer=layer)
-      devs.append(np.asarray(dev)[:cursor])
-      norms.append(np.asarray(norm)[:cursor])
+      dev, norm, cursor = np.asarray(dev), np.asarray(norm), 0
+      for i in group:  # the exact head: deviation 0, its keys' norms not needed
+        h, n = agents[i].exact_head, len(agents[i].tokens)
+        devs.append(np.concatenate([np.zeros(h, np.float32), dev[cursor:cursor + n - h]]))
+        norms.append(np.concatenate([np.zeros(h, np.float32), norm[cursor:cursor + n - h]]))
+        cursor += n - h
     self._scratch = scratch
     return np.concatenate(devs), np.concatenate(norms)
 
-  def _token_groups(self, agents) -> list[list[int]]:
+  def _pad_pages(self, pages, fill: int) -> np.ndarray:
+    """Page ids padded to a bucketed length with `fill` (an out-of-range fill is dropped)."""
+    out = np.full(bucket(len(pages), 8), fill, np.int32)
+    out[:len(pages)] = pages
+    return out
+
+  def _token_groups(self, sizes: list[int]) -> list[list[int]]:
     """Agents grouped so each group's tokens fit one prefill batch (an agent is never split)."""
     groups, cur, size = [], [], 0
-    for i, a in enumerate(agents):
-      if cur and size + len(a.tokens) > self.engine.max_prefill_tokens:
+    for i, n in enumerate(sizes):
+      if cur and size + n > self.engine.max_prefill_tokens:
         groups.append(cur)
         cur, size = [], 0
       cur.append(i)
-      size += len(a.tokens)
+      size += n
     return groups + [cur]
 
   def _scratch_cache(self, pages: int) -> model.KVCache:
@@ -701,7 +746,8 @@ def _strip_stop(a: AgentState) -> list[int]:
 def new_stats() -> dict:
   """A round's prefill counters, all zero."""
   return dict(master_prefill_seconds=0.0, check_seconds=0.0, copy_seconds=0.0,
-              recompute_seconds=0.0, pages_copied=0, check_flops=0.0, master_tokens=0)
+              recompute_seconds=0.0, pages_copied=0, check_flops=0.0, master_tokens=0,
+              checked_tokens=0)
 
 
 def _token_stats(agents: list[AgentState], cfg: ModelConfig) -> dict:
