@@ -387,7 +387,7 @@ def test_marked_chat_reuses_the_shared_document(live):
   second = _marked_chat(client, "How many bakeries are there?").json()
   n_doc = len(DOC.encode())
   assert first["tokendance"]["shared_tokens_prefilled"] == n_doc  # the document was new
-  # The second request reuses the document's master: it recomputes ~15% of it plus its own text.
+  # The second request reuses the document's master: it recomputes ~5% of it plus its own text.
   assert second["tokendance"]["shared_tokens_prefilled"] == 0
   assert second["tokendance"]["computed_tokens"] < second["usage"]["prompt_tokens"] - n_doc // 2
   text = second["choices"][0]["message"]["content"]

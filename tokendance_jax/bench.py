@@ -104,7 +104,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                  help="comma-separated METHOD[:MASTERS][@MAX_AGENTS]: e.g. "
                       "prefix,tokendance,tokendance:anchored,full@8")
   p.add_argument("--select", default="block", help="cacheblend or block (epic selects its own)")
-  p.add_argument("--recompute", type=float, default=0.15, help="fraction of shared tokens")
+  p.add_argument("--recompute", type=float, default=0.05,
+                 help="fraction of shared tokens (with --tau / --taus: the cap)")
   p.add_argument("--fractions", default=None,
                  help="sweep: comma-separated recompute fractions (default 0,0.05,0.1,0.15,0.3,0.5)")
   p.add_argument("--selects", default=None,

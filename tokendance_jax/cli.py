@@ -115,8 +115,10 @@ def _add_round_args(p: argparse.ArgumentParser, agents: int, rounds: int,
                  choices=["debate", "generative_agents", "agent_society"])
   p.add_argument("--agents", type=int, default=agents)
   p.add_argument("--rounds", type=int, default=rounds)
-  p.add_argument("--select", default="cacheblend", choices=["cacheblend", "block", "epic"])
-  p.add_argument("--recompute", type=float, default=0.15, help="fraction of shared tokens")
+  p.add_argument("--select", default="block", choices=["cacheblend", "block", "epic"],
+                 help="block (whole pages, default), cacheblend (tokens) or epic")
+  p.add_argument("--recompute", type=float, default=0.05,
+                 help="fraction of each agent's shared tokens to recompute (default 0.05)")
   p.add_argument("--check-layer", type=int, default=1)
   p.add_argument("--epic-k", type=int, default=16)
   p.add_argument("--tau", type=float, default=None,

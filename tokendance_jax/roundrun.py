@@ -60,8 +60,8 @@ class RoundRunConfig:
   preset: str = "debate"
   agents: int = 6
   rounds: int = 3
-  select: str = "cacheblend"
-  recompute: float = 0.15
+  select: str = "block"
+  recompute: float = 0.05
   check_layer: int = 1
   epic_k: int = 16
   tau: float | None = None

@@ -74,7 +74,7 @@ class ServerConfig:
   # long-lived tokendance session: a shared segment seen before is reused, not prefilled.
   chat_reuse_pages: int = 256
   chat_select: str = "block"
-  chat_recompute: float = 0.15
+  chat_recompute: float = 0.05
   chat_masters: str = "context"  # how masters of marked spans are made (ReusePolicy.masters)
 
   def __post_init__(self):
@@ -157,7 +157,7 @@ class SessionRequest(_Body):
   agents: dict[str, str]
   method: str = "tokendance"
   select: str = "block"
-  recompute: float = 0.15
+  recompute: float = 0.05
   check_layer: int = 1
   tau: float | None = None
   masters: str = "context"
