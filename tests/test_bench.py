@@ -166,6 +166,23 @@ def test_quality_bar_needs_every_higher_fraction_to_hold():
   assert bar["tokendance:anchored/block/8"]["recompute"] == 0.05
 
 
+def test_the_quality_target_reads_the_forced_top1():
+  """The 0.99 bar is on the forced top-1 (every output token), not the one next-token sample
+  per agent: a point with next-token top-1 1.0 but forced 0.988 misses it."""
+  from tokendance_jax import bench
+
+  pts = [dict(kind="run", method="prefix", agents=16, kv_bytes_per_agent=2.0,
+              shared_kv_bytes_per_agent=2.0),
+         dict(kind="run", method="tokendance", agents=16, kv_bytes_per_agent=1.0,
+              shared_kv_bytes_per_agent=1.0, top1_agreement=1.0, forced_top1=0.988,
+              computed_fraction=0.3, private_share=0.2)]
+  q = bench.ratios("storage", pts)["top1_vs_full"]
+  assert q["measured"] == 0.988 and q["met"] is False and q["metric"] == "forced_top1"
+  del pts[1]["forced_top1"]  # without forced samples it falls back to the next-token top-1
+  q = bench.ratios("storage", pts)["top1_vs_full"]
+  assert q["measured"] == 1.0 and q["metric"] == "top1_agreement"
+
+
 def test_forced_top1_counts_disagreements():
   """Outputs equal to the dense greedy continuation agree everywhere; one flipped token is
   one miss (of the tokens of that agent) - and only that one."""
