@@ -24,7 +24,7 @@ import time
 
 # The demo's defaults (the `demo` subcommand's flags override them).
 DEFAULTS = dict(preset="agent_society", agents=16, rounds=2, max_tokens=16, select="block",
-                recompute=0.05, eval_agents=8)
+                recompute=0.05, eval_agents=4)
 METHODS = ("prefix", "tokendance")
 
 
