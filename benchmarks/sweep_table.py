@@ -17,8 +17,8 @@ import json
 import pathlib
 
 HEADER = ("| masters | selection | setting | shared tokens recomputed per agent: mean (min-max) "
-          "| prompt tokens computed | forced top-1 (last round) | mean KL | trace match "
-          "| shared KV vs prefix | whole KV vs prefix |")
+          "| prompt tokens computed | forced top-1 (last round), tokens that differ | mean KL "
+          "| trace match | shared KV vs prefix | whole KV vs prefix |")
 
 
 def setting(p: dict) -> str:
@@ -33,6 +33,9 @@ def row(p: dict) -> str:
             if by else "-")
   last = (p.get("forced_top1_by_round") or [None])[-1]
   last_s = f" ({last:.3f})" if last is not None else ""
+  n = p.get("forced_tokens")
+  if n:  # a rounded 0.990 can be 0.9896, below the bar: say how many tokens differ
+    last_s += f", {round(n * (1 - p['forced_top1']))} of {n} differ"
   masters = p.get("masters") or p["method"].partition(":")[2] or "context"
   return (f"| {masters} | {'token' if p['select'] == 'cacheblend' else p['select']} "
           f"| {setting(p)} | {spread} | {100 * p['computed_fraction']:.1f}% "
