@@ -11,7 +11,7 @@ from tokendance_jax import model, session
 from tokendance_jax.config import TINY, CacheConfig
 from tokendance_jax.engine import build_batch
 from tokendance_jax.paging import BlockTable, pages_needed
-from tokendance_jax.rounds import AgentPrompt, ReusePolicy, Round, Segment
+from tokendance_jax.rounds import AgentPrompt, ReusePolicy, Round, Segment, segment_key
 from tokendance_jax.session import METHODS, RoundSession
 
 CFG = dataclasses.replace(TINY, eos_ids=())  # no early stop: every agent writes max_tokens
@@ -244,6 +244,29 @@ def test_context_masters_are_exact_where_prompts_agree(params):
     sess.close()
     assert sess.allocator.num_used == 0
   assert kl["context"] < 1e-6 < kl["anchored"]
+
+
+def test_a_master_computed_after_an_inexact_one_is_not_marked_exact(params):
+  """Round A holds [system, doc_x, news]: news' master is computed after doc_x. Round B holds
+  [system, news, doc_a]: news is read from that master, which is not what round B's prompts
+  compute at its place, so doc_a's master (computed after it) must not claim an exact context;
+  else, once news were recomputed exactly, the check would skip doc_a as an exact head."""
+  rng = np.random.default_rng(11)
+  system, doc_x, news, doc_a = (Segment(tuple(rng.integers(3, CFG.vocab_size, n)), True, name)
+                                for n, name in ((21, "system"), (9, "doc_x"), (19, "news"),
+                                                (13, "doc_a")))
+  tails = [Segment((5, 6, 7 + i), False, "tail") for i in range(3)]
+  sess = RoundSession(params, CFG, method="tokendance", cache_cfg=POOL, quality=False,
+                      policy=ReusePolicy(select="block", recompute=0.0))
+  sess.run_round(Round([AgentPrompt(f"a{i}", [system, doc_x, news, t], max_tokens=2)
+                        for i, t in enumerate(tails)]))
+  assert sess.masters.get(news.key).context == segment_key(system.tokens + doc_x.tokens)
+  sess.run_round(Round([AgentPrompt(f"a{i}", [system, news, doc_a, t], max_tokens=2)
+                        for i, t in enumerate(tails)]))
+  assert sess.masters.get(system.key).context == segment_key(())
+  assert sess.masters.get(doc_a.key).context is None
+  sess.close()
+  assert sess.allocator.num_used == 0
 
 
 def test_context_masters_read_earlier_masters_and_compute_only_new_segments(params):

@@ -32,8 +32,7 @@ from tokendance_jax.config import AttentionConfig, CacheConfig, ModelConfig
 from tokendance_jax.engine import Engine, _model_step_logits, bucket, build_batch
 from tokendance_jax.paging import BlockTable, OutOfPages, pages_needed
 from tokendance_jax.prefix_cache import PrefixCache
-from tokendance_jax.rounds import (METHODS, REUSE_METHODS, ReusePolicy, Round, Segment,
-                                   segment_key)
+from tokendance_jax.rounds import METHODS, REUSE_METHODS, ReusePolicy, Round, Segment, segment_key
 from tokendance_jax.sampling import SamplingParams
 
 __all__ = ["METHODS", "REUSE_METHODS", "AgentState", "RoundResult", "RoundSession",
@@ -292,7 +291,7 @@ class RoundSession:
         for seq in masters.context_plan(rnd, self.masters.__contains__, self.cfg.max_seq_len):
           stats["master_tokens"] += self._prefill_in_context(seq)
         return
-      anchor = _common_first(rnd)
+      anchor = next(iter(masters.common_prefix(rnd)), None)  # e.g. the system prompt
       if anchor is not None and anchor.key not in self.masters:
         self._prefill_standalone([anchor], None)  # position 0 in every prompt: exact
         stats["master_tokens"] += len(anchor)
@@ -304,33 +303,39 @@ class RoundSession:
     """One prefill of `seq`: its computed segments become masters; returns tokens computed.
 
     Segments that already have masters are listed through their pages and
-    read as context; the others get fresh pages. On failure every page taken
-    here is freed.
+    read as context; the others get fresh pages. A new master records the
+    tokens it was computed after (`Master.context`) only while every master
+    read before it is itself exact at its place here; after one that is not,
+    its K/V is not what a prompt with the same tokens computes, so its
+    context is None. On failure every page taken here is freed.
     """
     ps = self.cache_cfg.page_size
     table, tokens, positions, made = BlockTable(ps), [], [], []
+    exact = True
     try:
       for seg, compute in zip(seq.segments, seq.compute, strict=True):
         if compute:
           pages = self.allocator.alloc(pages_needed(len(seg), ps))
-          made.append((seg, len(table.pages), len(pages)))
+          made.append((seg, len(table.pages), len(pages), exact))
           positions.append(np.arange(len(tokens), len(tokens) + len(seg)))
         else:
-          pages = list(self.masters.get(seg.key).pages)
+          m = self.masters.get(seg.key)
+          exact = exact and m.context is not None and m.context == segment_key(tokens)
+          pages = list(m.pages)
           self.allocator.share(pages)
         table.append_segment(pages, len(seg))
         tokens += seg.tokens
       self._run([(table, tokens, np.concatenate(positions))], want_logits=False)
-      for seg, b0, n in made:
+      for seg, b0, n, exact_here in made:
         pages = table.pages[b0:b0 + n]
         self.allocator.share(pages)  # the registry's reference
         self.masters.add(seg.key, seg.tokens, pages, source="context",
-                         context=segment_key(tokens[:table.starts[b0]]))
+                         context=segment_key(tokens[:table.starts[b0]]) if exact_here else None)
     finally:
       table.release(self.allocator)
     if self.keep_masters:
-      self._pin([seg.key for seg, _, _ in made])
-    return sum(len(seg) for seg, _, _ in made)
+      self._pin([seg.key for seg, *_ in made])
+    return sum(len(seg) for seg, *_ in made)
 
   def _pin(self, keys) -> None:
     pages = [p for k in keys for p in self.masters.get(k).pages]
@@ -358,8 +363,10 @@ class RoundSession:
     n_ctx_pages = len(ctx.pages) if ctx is not None else 0
     for table, seg in zip(tables, segs, strict=True):
       self.allocator.free(table.pages[:n_ctx_pages])
+      exact = ctx is None or ctx.context == segment_key(())  # the anchor sits at position 0
       self.masters.add(seg.key, seg.tokens, table.pages[n_ctx_pages:], source="prefill",
-                       context=segment_key(ctx.tokens if ctx is not None else ()))
+                       context=segment_key(ctx.tokens if ctx is not None else ()) if exact
+                       else None)
     if self.keep_masters:
       self._pin([s.key for s in segs])
 
@@ -479,7 +486,7 @@ class RoundSession:
     return head
 
   def _deviation(self, agents: list[AgentState]) -> tuple[np.ndarray, np.ndarray]:
-    """Batched check at the check layer for every prompt token: (squared deviation of fresh
+    """Batched check at the check layer past each agent's exact head: (squared deviation of fresh
     from reused keys, squared norm of the reused key), each [t].
 
     Each agent's exact head (`_exact_head`: e.g. the system prompt and world state every
@@ -764,13 +771,6 @@ def _token_stats(agents: list[AgentState], cfg: ModelConfig) -> dict:
           "computed_flops": float(sum(cfg.prefill_flops(r) for r in done)),
           "shared_tokens_per_agent": shared,
           "shared_recomputed_per_agent": shared_recomputed}
-
-
-def _common_first(rnd: Round) -> Segment | None:
-  """The shared segment every prompt of the round starts with, if there is one."""
-  firsts = {p.segments[0].key for p in rnd.prompts}
-  first = rnd.prompts[0].segments[0]
-  return first if len(firsts) == 1 and first.shared else None
 
 
 def _progress(total: int, enabled: bool):
