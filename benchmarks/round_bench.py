@@ -136,7 +136,7 @@ def main():
   p.add_argument("--rounds", type=int, default=2)
   p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
   p.add_argument("--select", default="block", choices=["cacheblend", "block"])
-  p.add_argument("--recompute", type=float, default=0.15)
+  p.add_argument("--recompute", type=float, default=0.05)
   p.add_argument("--sweep", default=None, help="comma-separated recompute fractions")
   p.add_argument("--order", default=None)
   p.add_argument("--max-tokens", type=int, default=None)

@@ -206,7 +206,7 @@ def main(argv=None):
   p.add_argument("--prompt-scale", type=float, default=1.0,
                  help="scale agent_society's segment sizes (< 1 for CPU smoke runs)")
   p.add_argument("--select", default="block", choices=["cacheblend", "block"])
-  p.add_argument("--recompute", type=float, default=0.15)
+  p.add_argument("--recompute", type=float, default=0.05)
   p.add_argument("--page-size", type=int, default=16)
   p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                  help="weights and cache (default: bfloat16 on GPU, float32 elsewhere)")

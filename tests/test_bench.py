@@ -93,7 +93,9 @@ def test_capacity_quick(tmp_path):
     (["bench", "storage", "--masters", "cache"], "--masters 'cache' is not one of"),
     (["bench", "storage", "--masters", "context,context"], "names a policy twice"),
     (["bench", "storage", "--methods", "prefix:anchored"], "prefix makes no masters"),
-    (["bench", "sweep", "--taus", "0.1,-1"], "values must be >= 0"),
+    (["bench", "sweep", "--taus", "0.1,-1"], "values must be finite and >= 0"),
+    (["bench", "sweep", "--taus", "inf"], "values must be finite and >= 0"),
+    (["bench", "storage", "--tau", "inf"], "--tau inf must be a finite number >= 0"),
     (["bench", "sweep", "--tau", "0.1"], "takes its thresholds from --taus"),
     (["bench", "sweep", "--fractions", "0.1,2"], "--fractions '0.1,2': values must be in [0, 1]"),
     (["bench", "sweep", "--selects", "block,random"], "--selects 'random' is not one of"),
@@ -143,6 +145,19 @@ def test_master_policies_expand_reuse_methods():
   args = parser.parse_args(["bench", "storage", "--methods", "tokendance,tokendance:decode"])
   assert bench.config_from_args(args).methods == [("tokendance", None),
                                                   ("tokendance:decode", None)]
+
+
+def test_epic_runs_without_the_threshold_mode():
+  """--tau applies to the deviation-ranked selections; EPIC picks its own tokens, so its
+  policy has no tau (ReusePolicy refuses the pair) instead of failing after other runs."""
+  from tokendance_jax import bench
+
+  args = cli.build_parser().parse_args(["bench", "prefill", "--methods", "tokendance,epic",
+                                        "--tau", "0.01"])
+  bc = bench.config_from_args(args)
+  assert bench.reuse_policy(bc, "tokendance").tau == 0.01
+  epic = bench.reuse_policy(bc, "epic")
+  assert epic.tau is None and epic.select == "epic"
 
 
 def test_quality_bar_needs_every_higher_fraction_to_hold():

@@ -20,9 +20,11 @@ prefill also counts the model FLOPs of the check and recompute steps and
 reports their GFLOP/s against a matmul peak measured in the same run;
 `--profile DIR` records a `jax.profiler` trace and summarizes it per phase.
 
-Every experiment also measures quality against `full` on a subset of points
-(next-token top-1 / KL per round, greedy-trace token match over the rounds,
-and the sweep's forced top-1 over every output token). Times exclude JAX
+Every experiment also measures quality on a subset of points against full
+recompute of the same prompts by the unpaged dense path (`dense_reference`):
+next-token top-1 / KL per round, greedy-trace token match with a `full` run
+where one was made, and the forced top-1 over every output token (the
+quality bar's measure). Times exclude JAX
 tracing and compilation (a server compiles its
 shape buckets once); the compile seconds are reported beside them.
 The JSON has "experiment", "model", "points" (each with "method" and
@@ -36,6 +38,7 @@ import dataclasses
 import functools
 import gc
 import json
+import math
 import pathlib
 import platform
 import time
@@ -188,8 +191,8 @@ def config_from_args(args) -> BenchConfig:
   _choice("--select", args.select, ("cacheblend", "block"))
   if args.order is not None:
     _choice("--order", args.order, ORDERS)
-  if args.tau is not None and not args.tau >= 0:
-    raise ValueError(f"--tau {args.tau!r} must be >= 0")
+  if args.tau is not None and not 0 <= args.tau < math.inf:
+    raise ValueError(f"--tau {args.tau!r} must be a finite number >= 0")
   if not 0.0 <= args.recompute <= 1.0:
     raise ValueError(f"--recompute {args.recompute!r} must be in [0, 1]")
   for name in ("rounds", "max_tokens", "num_pages", "page_size"):
@@ -242,9 +245,9 @@ def _float_list(flag: str, text, upper: float | None = 1.0) -> list[float]:
     values = [float(x) for x in str(text).split(",")]
   except ValueError:
     raise ValueError(f"{flag} {text!r} must be comma-separated numbers") from None
-  bad = [v for v in values if not (0.0 <= v and (upper is None or v <= upper))]
+  bad = [v for v in values if not (0.0 <= v < math.inf and (upper is None or v <= upper))]
   if bad:
-    bounds = f"in [0, {upper:g}]" if upper is not None else ">= 0"
+    bounds = f"in [0, {upper:g}]" if upper is not None else "finite and >= 0"
     raise ValueError(f"{flag} {text!r}: values must be {bounds}, got {bad[0]}")
   return sorted(set(values))
 
@@ -406,8 +409,9 @@ def reuse_policy(bc: BenchConfig, label: str):
   from tokendance_jax.rounds import ReusePolicy
 
   method, masters = split_label(label, bc)
-  return ReusePolicy(select="epic" if method == "epic" else bc.select, recompute=bc.recompute,
-                     check_layer=bc.check_layer, tau=bc.tau, masters=masters)
+  epic = method == "epic"  # EPIC selects its own tokens: no threshold mode
+  return ReusePolicy(select="epic" if epic else bc.select, recompute=bc.recompute,
+                     check_layer=bc.check_layer, tau=None if epic else bc.tau, masters=masters)
 
 
 def _workload(bc: BenchConfig, agents: int):
@@ -474,7 +478,7 @@ def summary(res: dict) -> dict:
 
 def recompute_per_agent(rows: list[dict]) -> dict | None:
   """The share of its shared tokens each agent recomputed, over `rows`: min / median / mean /
-  max and every value (agent-rounds), or None where the method reuses nothing."""
+  max and every value (agent-rounds), or None where no round records per-agent counts."""
   shares = [r["stats"]["shared_recomputed_per_agent"][a] / n
             for r in rows for a, n in r["stats"].get("shared_tokens_per_agent", {}).items()
             if n and a in r["stats"].get("shared_recomputed_per_agent", {})]
@@ -574,7 +578,7 @@ def forced_top1(model, res: dict, agents=None) -> dict:
 
 
 _DENSE_MEMO: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
-_DENSE_MEMO_LIMIT = 20_000
+_DENSE_MEMO_LIMIT = 2_000  # entries hold a vocab-sized log-prob row (~200 KB each)
 _DENSE_OWNERS: dict[int, object] = {}
 
 

@@ -164,14 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
 
   from tokendance_jax import demo
 
-  d = sub.add_parser("demo", help="a multi-agent round trip on the real model: tokendance beside "
-                                  "prefix caching and full recompute",
+  d = sub.add_parser("demo", help="a multi-agent run on the real model: tokendance beside prefix "
+                                  "caching, judged against full recompute",
                      description=demo.__doc__.split("\n\n")[0])
   _add_round_args(d, agents=demo.DEFAULTS["agents"], rounds=demo.DEFAULTS["rounds"],
                   quality_flag=False)
   d.add_argument("--page-size", type=int, default=16)
   d.add_argument("--eval-agents", type=int, help="agents whose outputs are teacher-forced "
-                 "against full recompute (default 8)")
+                 "against full recompute (default 4)")
   d.set_defaults(func=demo.cmd_demo, **demo.DEFAULTS)
   return parser
 

@@ -4,10 +4,14 @@ For a group of agents (all agents of a round for the collective method, one
 agent at a time for per-request baselines) these run as single jit-compiled
 calls over one ragged batch:
 
-1. `check_deviation`: layers 0..check_layer over every prompt token into a
-   small scratch cache; the deviation of each reused token is the squared
-   distance between its fresh key and its reused (master) key at the check
-   layer. Keys are stored before RoPE, so no position correction is needed.
+1. `check_deviation`: layers 0..check_layer over each prompt's tokens past its
+   exact head (leading shared segments whose masters were computed after
+   exactly the tokens before them; their layers are copied into the scratch
+   cache once by `copy_layers`); the deviation of each reused token is the
+   squared distance between its fresh key and its reused (master) key at the
+   check layer. Keys are stored before RoPE, so no position correction is
+   needed. `deviation_profile` gives the relative deviation the threshold
+   mode (`ReusePolicy.tau`) compares with tau.
 2. `select_tokens`: per-agent top-k of deviation (token level) or of summed
    deviation per page (block level), on device.
 3. `copy_pages`: copy-on-write of master pages into an agent's own pages.

@@ -122,11 +122,18 @@ def show_outputs(result: dict, agents: int = 3) -> str:
 
 
 def cmd_demo(args) -> int:
-  bc = demo_config(args)
+  if args.agents < 2:
+    raise ValueError(f"--agents {args.agents} must be >= 2 (agents share each other's outputs)")
+  if args.rounds < 2:
+    raise ValueError(f"--rounds {args.rounds} must be >= 2 (round 0 has no outputs to reuse)")
   if args.eval_agents < 1:
     raise ValueError(f"--eval-agents {args.eval_agents} must be >= 1")
+  import jax
+
+  bc = demo_config(args)
   print(f"tokendance demo: {bc.preset} with {bc.agents[0]} agents x {bc.rounds} rounds on "
-        "SmolLM2-135M-Instruct (CPU); prefix caching, then tokendance", flush=True)
+        f"SmolLM2-135M-Instruct ({jax.default_backend()}); prefix caching, then tokendance",
+        flush=True)
   result = run(bc, args.eval_agents)
   print()
   print(show_outputs(result))

@@ -577,8 +577,8 @@ class RoundsSession:
 
   Agent a's prompt in a round: [system turn (shared)] [persona (private)]
   [for each other agent b that spoke last round: header "Agent b said:" (shared),
-  b's output token ids (shared, reused from b's own decode)] [instruction +
-  assistant turn (private)].
+  b's output token ids (shared; its master made by the session's `masters` policy)]
+  [instruction + assistant turn (private)].
   """
 
   def __init__(self, session_id: str, body: SessionRequest, params, cfg, tok, cache_cfg,
