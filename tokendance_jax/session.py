@@ -361,9 +361,9 @@ class RoundSession:
       chunks.append((table, tokens, np.arange(n_ctx, n_ctx + len(seg))))
     self._run(chunks, want_logits=False)
     n_ctx_pages = len(ctx.pages) if ctx is not None else 0
+    exact = ctx is None or ctx.context == segment_key(())  # the anchor sits at position 0
     for table, seg in zip(tables, segs, strict=True):
       self.allocator.free(table.pages[:n_ctx_pages])
-      exact = ctx is None or ctx.context == segment_key(())  # the anchor sits at position 0
       self.masters.add(seg.key, seg.tokens, table.pages[n_ctx_pages:], source="prefill",
                        context=segment_key(ctx.tokens if ctx is not None else ()) if exact
                        else None)
@@ -612,11 +612,8 @@ class RoundSession:
   def _copy(self, src: list[int], dst: list[int]) -> None:
     if not src:
       return
-    n = bucket(len(src), 8)
-    s = np.zeros(n, np.int32)
-    d = np.full(n, self.cache_cfg.num_pages, np.int32)  # padding: dropped
-    s[: len(src)], d[: len(dst)] = src, dst
-    self.engine.cache = collector.copy_pages(self.engine.cache, s, d)
+    self.engine.cache = collector.copy_pages(self.engine.cache, self._pad_pages(src, 0),
+                                             self._pad_pages(dst, self.cache_cfg.num_pages))
 
   def _run(self, chunks, want_logits: bool):
     """Feed chunks (table, tokens, positions) in batches of max_prefill_tokens.
