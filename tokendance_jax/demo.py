@@ -38,21 +38,21 @@ def demo_config(args):
       check_layer=args.check_layer, masters=[args.masters], tau=args.tau,
       max_tokens=args.max_tokens, num_pages=None, page_size=args.page_size,
       slo_seconds=bench.SLO_SECONDS, order=args.order, seed=args.seed, quality_agents=[],
-      quick=False)
+      quick=False, judge_agents=args.eval_agents)
 
 
-def run(bc, eval_agents: int, progress: bool = True) -> dict:
+def run(bc, progress: bool = True) -> dict:
   """Every method of the demo at bc.agents[0] agents: {"runs", "points", "seconds", ...}.
 
   Points are `bench.run_point` summaries of rounds >= 1 (round 0 has no outputs
   to share) plus `bench.forced_top1` over every round for the first
-  `eval_agents` agents.
+  `bc.judge_agents` agents (`bench.judged_agents`).
   """
   from tokendance_jax import bench
 
   model = bench.load_model()
   n, runs, points = bc.agents[0], {}, {}
-  judged = {f"agent{i}" for i in range(min(eval_agents, n))}
+  judged = bench.judged_agents(bc, n)
   start = time.perf_counter()
   for method, _ in bc.methods:
     t0 = time.perf_counter()
@@ -134,7 +134,7 @@ def cmd_demo(args) -> int:
   print(f"tokendance demo: {bc.preset} with {bc.agents[0]} agents x {bc.rounds} rounds on "
         f"SmolLM2-135M-Instruct ({jax.default_backend()}); prefix caching, then tokendance",
         flush=True)
-  result = run(bc, args.eval_agents)
+  result = run(bc)
   print()
   print(show_outputs(result))
   print()
