@@ -122,3 +122,59 @@ def test_steady_decode_does_not_recompile(params, prompts):
 
 def test_bucket():
   assert [engine_mod.bucket(n, 4) for n in (1, 4, 5, 17)] == [4, 4, 8, 32]
+
+
+def test_a_sequence_that_cannot_grow_alone_raises_out_of_pages(params):
+  """The only running sequence needs a page while every other page is held outside the
+  engine (e.g. masters): nothing can be preempted, so the step raises OutOfPages naming the
+  sequence, never a ValueError from packing an empty batch (which the server reports as 400)."""
+  from tokendance_jax.paging import OutOfPages
+
+  cc = CacheConfig(num_pages=8, page_size=8)
+  eng = Engine(params, TINY, cache_cfg=cc)
+  held = eng.allocator.alloc(5)  # the prompt's 8 tokens take 1 page; 1 left for growth
+  sid = eng.add_request(list(range(3, 11)), SamplingParams(max_tokens=20, ignore_eos=True))
+  with pytest.raises(OutOfPages, match=f"sequence {sid}"):
+    for _ in range(40):
+      eng.step()
+  eng.allocator.free(held)
+
+
+def _prefilled_table(eng, prompt):
+  """A block table holding `prompt`'s K/V, computed by one prefill: its first token too."""
+  from tokendance_jax.paging import BlockTable
+
+  table = BlockTable(eng.cache_cfg.page_size)
+  table.ensure(len(prompt), eng.allocator)
+  first, _ = eng.prefill([(table, prompt, np.arange(len(prompt)))])
+  return table, first[0]
+
+
+def test_preempting_an_adopted_sequence_keeps_its_prompt_pages(params, prompts):
+  """An adopted sequence (a round's mirror) is preempted by giving back only the pages of
+  its generated tokens: the prompt's pages (master pages it shares) stay in its table, its
+  generated tokens are recomputed over them, and its output equals an unpreempted run. Re-laying
+  it out densely would quietly turn the agent into `full`."""
+  prompt = [int(t) for t in prompts[3]]  # 70 tokens: 9 pages
+  params_a = SamplingParams(max_tokens=30, ignore_eos=True)
+
+  def run(num_pages):
+    eng = Engine(params, TINY, cache_cfg=CacheConfig(num_pages=num_pages, page_size=8))
+    table, first = _prefilled_table(eng, prompt)
+    prompt_pages = list(table.pages)
+    other = eng.add_request(prompts[1], SamplingParams(max_tokens=40, ignore_eos=True))
+    eng.step()  # `other` runs first, so the adopted sequence is the newest: the one preempted
+    seq = eng.adopt(prompt, table, first, params_a)
+    while eng.has_unfinished():
+      eng.step()
+    eng.pop_finished(other)
+    assert seq.table.pages[:len(prompt_pages)] == prompt_pages
+    out = eng.pop_finished(seq.seq_id).output_ids
+    seq.table.release(eng.allocator)
+    assert eng.allocator.num_used == 0
+    return out, eng.num_preemptions
+
+  roomy, n0 = run(64)
+  tight, n1 = run(22)
+  assert n0 == 0 and n1 > 0
+  assert tight == roomy

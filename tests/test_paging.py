@@ -119,3 +119,17 @@ def test_segments_start_on_fresh_pages_with_contiguous_positions():
     t.append_segment(a.alloc(1), 2)
   t.release(a)
   assert a.refcount(shared[0]) == 1  # the master's own reference survives
+
+
+def test_truncate_frees_only_the_blocks_after_the_kept_ones():
+  alloc = PageAllocator(16)
+  t = BlockTable(4)
+  t.append_segment(alloc.alloc(2), 6)  # blocks 0-1: positions 0-5
+  t.ensure(14, alloc)  # tail blocks from position 8
+  assert len(t.pages) == 4 and alloc.num_used == 4
+  kept = t.pages[:2]
+  t.truncate(2, alloc)
+  assert t.pages == kept and alloc.num_used == 2 and t.capacity() == 6 and t.end == 6
+  assert t.ensure(10, alloc) and t.starts[2] == 6  # grows again from the kept blocks' end
+  with pytest.raises(ValueError, match="num_blocks"):
+    t.truncate(9, alloc)

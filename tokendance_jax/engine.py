@@ -10,7 +10,15 @@ single device-to-host copy (the sampled tokens).
 
 When the pool runs out of pages the newest running sequence is preempted:
 its pages are freed and it is re-queued to recompute later; no other
-sequence's pages are touched.
+sequence's pages are touched. An adopted sequence (a round's agent, whose
+prompt pages may be master pages it mirrors) gives back only the pages of
+its generated tokens and recomputes just those, so its prompt K/V stay the
+ones it was handed. When the one sequence left cannot grow, the step raises
+`OutOfPages`.
+
+Outside callers use the public surface only: `add_request` / `generate`,
+`prefill` (scattered positions over caller-owned block tables), `adopt`,
+`step`, `abort`, `pop_finished` and `copy_pages`.
 """
 
 from __future__ import annotations
@@ -21,9 +29,10 @@ import functools
 import itertools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from tokendance_jax import model, sampling, sharding
+from tokendance_jax import collector, model, sampling, sharding
 from tokendance_jax.config import AttentionConfig, CacheConfig, ModelConfig
 from tokendance_jax.paging import BlockTable, OutOfPages, PageAllocator, pages_needed
 from tokendance_jax.sampling import SamplingParams
@@ -39,6 +48,7 @@ class Sequence:
   num_computed: int = 0
   finish_reason: str | None = None
   retain: bool = False  # keep the pages when finished (the caller takes them over)
+  keep_blocks: int = 0  # leading blocks a preemption leaves in place (an adopted prompt)
 
   @property
   def output(self) -> list[int]:
@@ -153,13 +163,29 @@ class Engine:
     (`retain`); the caller releases them.
     """
     seq = Sequence(seq_id=next(self._ids), prompt=list(prompt), params=params, table=table,
-                   tokens=list(prompt), num_computed=len(prompt), retain=True)
+                   tokens=list(prompt), num_computed=len(prompt), retain=True,
+                   keep_blocks=len(table.pages))
     self.running.append(seq)
     self._append(seq, int(first_token))
     return seq
 
   def has_unfinished(self) -> bool:
     return bool(self.waiting or self.running)
+
+  def abort(self, seq_id: int) -> Sequence | None:
+    """Remove a sequence wherever it is (waiting, running or finished); returns it, or None
+    for an unknown id. Its pages are freed unless it was adopted (`retain`): those stay in
+    its table for the caller to release."""
+    for seq in itertools.chain(self.waiting, self.running):
+      if seq.seq_id == seq_id:
+        (self.waiting if seq in self.waiting else self.running).remove(seq)
+        break
+    else:
+      return self.finished.pop(seq_id, None)
+    if not seq.retain:
+      seq.table.release(self.allocator)
+    seq.finish_reason = seq.finish_reason or "abort"
+    return seq
 
   def pop_finished(self, seq_id: int) -> GenerationResult:
     seq = self.finished.pop(seq_id)
@@ -221,20 +247,34 @@ class Engine:
     return chunks
 
   def _reserve_decode(self) -> list[tuple[Sequence, int]]:
-    """One token per running sequence, preempting the newest when pages run out."""
+    """One token per running sequence, preempting the newest when pages run out.
+
+    Raises OutOfPages when the sequence that needs a page is the only one left
+    running: preempting it would free nothing that it could then use.
+    """
     i = 0
     while i < len(self.running):
       seq = self.running[i]
       try:
         seq.table.ensure(len(seq.tokens), self.allocator)
         i += 1
-      except OutOfPages:
+      except OutOfPages as e:
+        if len(self.running) == 1:
+          raise OutOfPages(e.requested, e.free,
+                           f"sequence {seq.seq_id} needs a page to grow past "
+                           f"{len(seq.tokens) - 1} tokens and no other sequence holds pages "
+                           f"to preempt ({self.allocator.num_used} of "
+                           f"{self.cache_cfg.num_pages - 1} pages in use)") from None
         self._preempt(self.running[-1])
     return [(s, 1) for s in self.running]
 
   def _preempt(self, seq: Sequence) -> None:
-    seq.table.release(self.allocator)
-    seq.num_computed = 0
+    if seq.keep_blocks:  # adopted: keep the prompt's pages, recompute the generated tokens
+      seq.table.truncate(seq.keep_blocks, self.allocator)
+      seq.num_computed = len(seq.prompt)
+    else:
+      seq.table.release(self.allocator)
+      seq.num_computed = 0
     self.running.remove(seq)
     self.waiting.appendleft(seq)
     self.num_preemptions += 1
@@ -255,6 +295,57 @@ class Engine:
       seq.num_computed += n
       if r in sampled_rows:
         self._append(seq, int(tokens[r]))
+
+  def prefill(self, chunks, want_logits: bool = False,
+              params: list[SamplingParams | None] | None = None):
+    """Feed chunks over caller-owned block tables, in batches of max_prefill_tokens.
+
+    A chunk is (table, tokens, positions): tokens[positions] are fed at those
+    (increasing, possibly scattered) positions and their K/V written through
+    `table`, which must already have slots for them. A chunk whose positions
+    end its tokens samples its first token with params[i] (greedy by default).
+    Returns (those first tokens in chunk order, and their log-probs
+    [n, vocab] when want_logits, else None). The engine's own sequences are
+    not touched.
+    """
+    budget = self.max_prefill_tokens
+    params = params or [None] * len(chunks)
+    pieces = [(i, c[0], c[1], c[2][j:j + budget])
+              for i, c in enumerate(chunks) for j in range(0, max(len(c[2]), 1), budget)]
+    firsts, logps, batch_items = {}, {}, []
+    size = 0
+    for piece in pieces + [None]:
+      if piece is not None and (not batch_items or size + len(piece[3]) <= budget):
+        batch_items.append(piece)
+        size += len(piece[3])
+        continue
+      self._prefill_batch(batch_items, params, want_logits, firsts, logps)
+      batch_items, size = ([piece], len(piece[3])) if piece is not None else ([], 0)
+    order = sorted(firsts)
+    lp = jnp.stack([logps[i] for i in order]) if want_logits and order else None
+    return [firsts[i] for i in order], lp
+
+  def _prefill_batch(self, items, params, want_logits, firsts, logps) -> None:
+    if not items:
+      return
+    batch, rows = build_batch([(t, toks, pos) for _, t, toks, pos in items])
+    greedy = SamplingParams(max_tokens=1)
+    samp = sampling.SamplingArrays.from_params(
+        [(params[i] or greedy) if r in rows else None for r, (i, *_) in enumerate(items)],
+        [0] * len(items), batch.block_tables.shape[0])
+    batch, samp = self.place(batch, samp)
+    tokens, logp, self.cache = self.jitted(_model_step_logits, 2)(
+        self.params, self.cache, batch, samp, cfg=self.cfg, attn=self.attn)
+    tokens = np.asarray(tokens)
+    for r, (i, *_) in enumerate(items):
+      if r in rows:
+        firsts[i] = int(tokens[r])
+        if want_logits:
+          logps[i] = logp[r]
+
+  def copy_pages(self, src, dst) -> None:
+    """Copy pages src[i] -> dst[i] in every layer (padded page lists; see collector.copy_pages)."""
+    self.cache = collector.copy_pages(self.cache, src, dst)
 
   def place(self, batch, *replicated):
     """Batch and extra host inputs, placed on the mesh (unchanged without one)."""

@@ -21,10 +21,12 @@ class OutOfPages(RuntimeError):
   half-updated.
   """
 
-  def __init__(self, requested: int, free: int):
-    super().__init__(f"requested {requested} pages, {free} free")
+  def __init__(self, requested: int, free: int, detail: str = ""):
+    super().__init__(f"requested {requested} pages, {free} free" + (f": {detail}" if detail
+                                                                     else ""))
     self.requested = requested
     self.free = free
+    self.detail = detail
 
 
 class PageAllocator:
@@ -197,6 +199,14 @@ class BlockTable:
       raise IndexError(f"positions {bad[:5].tolist()} have no slot in this block table")
     pages = np.asarray(self.pages, np.int64)
     return (pages[j] * self.page_size + positions - starts[j]).astype(np.int32)
+
+  def truncate(self, num_blocks: int, allocator: PageAllocator) -> None:
+    """Drop every block after the first `num_blocks` (freeing their pages)."""
+    if not 0 <= num_blocks <= len(self.pages):
+      raise ValueError(f"num_blocks={num_blocks} outside 0..{len(self.pages)}")
+    allocator.free(self.pages[num_blocks:])
+    del self.pages[num_blocks:], self.starts[num_blocks:], self.lens[num_blocks:]
+    self.end = min(self.end, self.capacity())
 
   def release(self, allocator: PageAllocator) -> None:
     allocator.free(self.pages)

@@ -29,7 +29,7 @@ import numpy as np
 
 from tokendance_jax import collector, diffstore, masters, model, sampling, sharding
 from tokendance_jax.config import AttentionConfig, CacheConfig, ModelConfig
-from tokendance_jax.engine import Engine, _model_step_logits, bucket, build_batch
+from tokendance_jax.engine import Engine, bucket, build_batch
 from tokendance_jax.paging import BlockTable, OutOfPages, pages_needed
 from tokendance_jax.prefix_cache import PrefixCache
 from tokendance_jax.rounds import METHODS, REUSE_METHODS, ReusePolicy, Round, Segment, segment_key
@@ -612,45 +612,13 @@ class RoundSession:
   def _copy(self, src: list[int], dst: list[int]) -> None:
     if not src:
       return
-    self.engine.cache = collector.copy_pages(self.engine.cache, self._pad_pages(src, 0),
-                                             self._pad_pages(dst, self.cache_cfg.num_pages))
+    self.engine.copy_pages(self._pad_pages(src, 0), self._pad_pages(dst, self.cache_cfg.num_pages))
 
   def _run(self, chunks, want_logits: bool):
-    """Feed chunks (table, tokens, positions) in batches of max_prefill_tokens.
-
-    Returns (first sampled token per chunk whose positions end its tokens, and
-    log-probs [n, vocab] for those when want_logits).
-    """
-    budget = self.engine.max_prefill_tokens
-    pieces = [(i, c[0], c[1], c[2][j:j + budget])
-              for i, c in enumerate(chunks) for j in range(0, max(len(c[2]), 1), budget)]
-    firsts, logps, batch_items = {}, {}, []
-    size = 0
-    for piece in pieces + [None]:
-      if piece is not None and (not batch_items or size + len(piece[3]) <= budget):
-        batch_items.append(piece)
-        size += len(piece[3])
-        continue
-      self._run_batch(batch_items, want_logits, firsts, logps)
-      batch_items, size = ([piece], len(piece[3])) if piece is not None else ([], 0)
-    order = sorted(firsts)
-    lp = jnp.stack([logps[i] for i in order]) if want_logits and order else None
-    return [firsts[i] for i in order], lp
-
-  def _run_batch(self, items, want_logits, firsts, logps) -> None:
-    batch, rows = build_batch([(t, toks, pos) for _, t, toks, pos in items])
-    params = [self._sampling_for(i) if r in rows else None for r, (i, *_) in enumerate(items)]
-    samp = sampling.SamplingArrays.from_params(params, [0] * len(items),
-                                               batch.block_tables.shape[0])
-    batch, samp = self.engine.place(batch, samp)
-    tokens, logp, self.engine.cache = self.engine.jitted(_model_step_logits, 2)(
-        self.params, self.engine.cache, batch, samp, cfg=self.cfg, attn=self.attn)
-    tokens = np.asarray(tokens)
-    for r, (i, *_) in enumerate(items):
-      if r in rows:
-        firsts[i] = int(tokens[r])
-        if want_logits:
-          logps[i] = logp[r]
+    """`Engine.prefill` of chunks (table, tokens, positions), chunk i sampled per
+    `_sampling_for(i)`: (first tokens, log-probs [n, vocab] or None)."""
+    return self.engine.prefill(chunks, want_logits,
+                               [self._sampling_for(i) for i in range(len(chunks))])
 
   def _sampling_for(self, i: int, max_tokens: int = 1) -> SamplingParams:
     s = self.sampling
@@ -668,9 +636,8 @@ class RoundSession:
       bar.update(sum(len(s.output) for s in seqs) - before)
     bar.close()
     for a, s in zip(agents, seqs, strict=True):
-      self.engine.finished.pop(s.seq_id)
-      a.table = s.table  # a preemption may have re-laid it out
-      a.tokens, a.output_ids, a.finish_reason = s.tokens, s.output, s.finish_reason
+      done = self.engine.pop_finished(s.seq_id)
+      a.tokens, a.output_ids, a.finish_reason = s.tokens, done.output_ids, done.finish_reason
     return {a.agent_id: _strip_stop(a) for a in agents}
 
   def _finish(self, agents: list[AgentState], outputs: dict[str, list[int]]) -> None:
