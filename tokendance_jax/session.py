@@ -178,16 +178,19 @@ class RoundSession:
         self.masters.retain_only(rnd.shared_segments().keys())
       self._prefill_masters(rnd, stats)
     agents = self._layout_all(rnd)
+    seqs: list = []  # the engine sequences adopted for decode
     try:
       first, logprobs = self._prefill(agents, stats)
-    except BaseException:
+      prefill_seconds = time.perf_counter() - start
+      fp = diffstore.footprint([a.table for a in agents], [a.shared_blocks() for a in agents],
+                               [a.mirror_blocks for a in agents], self.allocator)
+      outputs = self._decode(agents, first, seqs)
+      self._finish(agents, outputs)
+    except BaseException:  # leave the pool as the round found it, less the masters it made
+      for s in seqs:
+        self.engine.abort(s.seq_id)
       self._release(agents)
       raise
-    prefill_seconds = time.perf_counter() - start
-    fp = diffstore.footprint([a.table for a in agents], [a.shared_blocks() for a in agents],
-                             [a.mirror_blocks for a in agents], self.allocator)
-    outputs = self._decode(agents, first)
-    self._finish(agents, outputs)
     output_keys = {}
     for agent_id, ids in outputs.items():
       if ids:
@@ -274,8 +277,9 @@ class RoundSession:
         self.allocator.share(master)
         return list(master)
       return self.allocator.alloc(n)  # per-request: a dense copy, filled in _prefill
-    taken = [hits.pop(0) for _ in range(min(n, len(hits)))]
-    return taken + self.allocator.alloc(n - len(taken))
+    fresh = self.allocator.alloc(n - min(n, len(hits)))  # before any hit leaves `hits`
+    taken = [hits.pop(0) for _ in range(n - len(fresh))]
+    return taken + fresh
 
   # -- prefill --------------------------------------------------------------------
 
@@ -350,23 +354,28 @@ class RoundSession:
     ctx = self.masters.get(anchor.key) if anchor is not None else None
     n_ctx = len(ctx.tokens) if ctx is not None else 0
     tables, chunks = [], []
-    for seg in segs:
-      table = BlockTable(ps)
-      if ctx is not None:
-        self.allocator.share(ctx.pages)
-        table.append_segment(list(ctx.pages), n_ctx)
-      table.append_segment(self.allocator.alloc(pages_needed(len(seg), ps)), len(seg))
-      tables.append(table)
-      tokens = list(ctx.tokens if ctx is not None else ()) + list(seg.tokens)
-      chunks.append((table, tokens, np.arange(n_ctx, n_ctx + len(seg))))
-    self._run(chunks, want_logits=False)
     n_ctx_pages = len(ctx.pages) if ctx is not None else 0
     exact = ctx is None or ctx.context == segment_key(())  # the anchor sits at position 0
-    for table, seg in zip(tables, segs, strict=True):
-      self.allocator.free(table.pages[:n_ctx_pages])
-      self.masters.add(seg.key, seg.tokens, table.pages[n_ctx_pages:], source="prefill",
-                       context=segment_key(ctx.tokens if ctx is not None else ()) if exact
-                       else None)
+    try:
+      for seg in segs:
+        table = BlockTable(ps)
+        tables.append(table)
+        if ctx is not None:
+          self.allocator.share(ctx.pages)
+          table.append_segment(list(ctx.pages), n_ctx)
+        table.append_segment(self.allocator.alloc(pages_needed(len(seg), ps)), len(seg))
+        tokens = list(ctx.tokens if ctx is not None else ()) + list(seg.tokens)
+        chunks.append((table, tokens, np.arange(n_ctx, n_ctx + len(seg))))
+      self._run(chunks, want_logits=False)
+      for table, seg in zip(tables, segs, strict=True):
+        pages = table.pages[n_ctx_pages:]
+        self.allocator.share(pages)  # the registry's reference
+        self.masters.add(seg.key, seg.tokens, pages, source="prefill",
+                         context=segment_key(ctx.tokens if ctx is not None else ()) if exact
+                         else None)
+    finally:
+      for table in tables:
+        table.release(self.allocator)
     if self.keep_masters:
       self._pin([s.key for s in segs])
 
@@ -626,9 +635,11 @@ class RoundSession:
 
   # -- decode and hand-over ---------------------------------------------------------
 
-  def _decode(self, agents: list[AgentState], first: list[int]) -> dict[str, list[int]]:
-    seqs = [self.engine.adopt(a.tokens, a.table, tok, self._sampling_for(i, a.max_tokens))
-            for i, (a, tok) in enumerate(zip(agents, first, strict=True))]
+  def _decode(self, agents: list[AgentState], first: list[int], seqs: list) -> dict[str, list[int]]:
+    """Decode every agent in the engine; `seqs` collects the adopted sequences as they are
+    made (the caller aborts them on failure)."""
+    for i, (a, tok) in enumerate(zip(agents, first, strict=True)):
+      seqs.append(self.engine.adopt(a.tokens, a.table, tok, self._sampling_for(i, a.max_tokens)))
     bar = _progress(sum(a.max_tokens for a in agents), self.progress)
     while self.engine.has_unfinished():
       before = sum(len(s.output) for s in seqs)
