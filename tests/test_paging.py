@@ -133,3 +133,14 @@ def test_truncate_frees_only_the_blocks_after_the_kept_ones():
   assert t.ensure(10, alloc) and t.starts[2] == 6  # grows again from the kept blocks' end
   with pytest.raises(ValueError, match="num_blocks"):
     t.truncate(9, alloc)
+
+
+def test_plan_waves_fills_each_wave_in_order_and_names_an_agent_that_cannot_fit():
+  from tokendance_jax.admission import plan_waves
+
+  assert plan_waves([3, 3, 3], 10) == [[0, 1, 2]]
+  assert plan_waves([4, 4, 4, 1], 9) == [[0, 1], [2, 3]]
+  assert plan_waves([9, 1], 9) == [[0], [1]]
+  assert plan_waves([], 5) == []
+  with pytest.raises(OutOfPages, match="'b' alone needs up to 7 pages and 6 are free"):
+    plan_waves([2, 7], 6, names=["a", "b"])

@@ -209,7 +209,7 @@ def test_unknown_method_and_bad_policy():
 def test_pool_too_small_raises_and_frees(params):
   from tokendance_jax.paging import OutOfPages
 
-  sess = RoundSession(params, CFG, method="full", cache_cfg=CacheConfig(num_pages=12, page_size=8))
+  sess = RoundSession(params, CFG, method="full", cache_cfg=CacheConfig(num_pages=8, page_size=8))
   with pytest.raises(OutOfPages):
     sess.run_round(Workload().round(0, None))
   assert sess.allocator.num_used == 0
@@ -350,3 +350,33 @@ def test_the_check_skips_the_exact_head_and_selects_the_same(params, monkeypatch
     assert a.stats["shared_recomputed_per_agent"] == b.stats["shared_recomputed_per_agent"]
     assert a.stats["checked_tokens"] == b.stats["checked_tokens"] - N_AGENTS * len(system)
     assert a.stats["pages_copied"] == b.stats["pages_copied"]
+
+
+@pytest.mark.parametrize("method", ["full", "prefix", "cacheblend", "tokendance"])
+def test_a_round_bigger_than_the_pool_runs_in_waves(params, method):
+  """A pool that holds about two agents at once: the round is admitted in waves (reported in
+  stats), gives the outputs of a pool that holds everything, and leaves nothing behind."""
+  policy = ReusePolicy(recompute=0.3)
+  _, roomy = run(params, method, policy, quality=False)
+  small = CacheConfig(num_pages=40, page_size=8)
+  sess = RoundSession(params, CFG, method=method, policy=policy, cache_cfg=small, quality=False)
+  wl, prev, waves = Workload(), None, []
+  for r in range(3):
+    res = sess.run_round(wl.round(r, prev))
+    assert res.outputs == roomy[r].outputs, f"round {r}"
+    assert sum(res.stats["wave_sizes"]) == N_AGENTS
+    waves.append(res.stats["waves"])
+    prev = res.outputs
+  assert max(waves) > 1
+  sess.close()
+  assert sess.allocator.num_used == 0
+
+
+def test_an_agent_too_big_for_the_pool_alone_is_named(params):
+  from tokendance_jax.paging import OutOfPages
+
+  sess = RoundSession(params, CFG, method="full", cache_cfg=CacheConfig(num_pages=8, page_size=8),
+                      quality=False)
+  with pytest.raises(OutOfPages, match="agent 'a0' alone needs"):
+    sess.run_round(Workload().round(0, None))
+  assert sess.allocator.num_used == 0

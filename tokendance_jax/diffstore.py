@@ -117,3 +117,38 @@ def footprint(tables: list[BlockTable], shared_blocks: list[set[int]], mirror_bl
   mirrors = sum(len(m) for m in mirror_blocks)
   return Footprint(pages_in_use=allocator.num_used, unique_pages=len(set(all_pages)),
                    shared_region_pages=len(shared), private_pages=own, mirror_pages=mirrors)
+
+
+@dataclasses.dataclass(frozen=True)
+class WaveFootprint:
+  """One wave's `Footprint`, with the pages in it that outlive the wave (masters, cached
+  pages), so waves admitted one after another can be counted as if resident at once."""
+
+  footprint: Footprint
+  kept_unique: frozenset[int]
+  kept_shared: frozenset[int]
+
+
+def wave_footprint(tables, shared_blocks, mirror_blocks, allocator: PageAllocator,
+                   kept: set[int]) -> WaveFootprint:
+  """`footprint` of one wave, remembering which of its pages are in `kept`."""
+  fp = footprint(tables, shared_blocks, mirror_blocks, allocator)
+  unique = {p for t in tables for p in t.pages}
+  shared = {t.pages[j] for t, blocks in zip(tables, shared_blocks, strict=True) for j in blocks}
+  return WaveFootprint(fp, frozenset(unique & kept), frozenset(shared & kept))
+
+
+def combine_footprints(waves: list[WaveFootprint]) -> Footprint:
+  """The round's footprint over waves: kept pages counted once, every wave's own pages added
+  (their page ids are reused by later waves), pages_in_use the peak."""
+  fps = [w.footprint for w in waves]
+  kept_u = frozenset().union(*(w.kept_unique for w in waves))
+  kept_s = frozenset().union(*(w.kept_shared for w in waves))
+  return Footprint(
+      pages_in_use=max(f.pages_in_use for f in fps),
+      unique_pages=len(kept_u) + sum(f.unique_pages - len(w.kept_unique)
+                                     for f, w in zip(fps, waves, strict=True)),
+      shared_region_pages=len(kept_s) + sum(f.shared_region_pages - len(w.kept_shared)
+                                            for f, w in zip(fps, waves, strict=True)),
+      private_pages=sum(f.private_pages for f in fps),
+      mirror_pages=sum(f.mirror_pages for f in fps))

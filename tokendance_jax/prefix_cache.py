@@ -48,6 +48,18 @@ class PrefixCache:
     self.misses += len(blocks) - len(pages)
     return pages
 
+  def peek(self, blocks: list[tuple[int, ...]]) -> list[int]:
+    """Pages of the longest cached prefix of `blocks`, without taking references, counting
+    hits or touching the LRU order (for admission estimates)."""
+    pages, parent = [], ""
+    for tokens in blocks:
+      parent = chain_key(parent, tokens)
+      page = self.entries.get(parent)
+      if page is None:
+        break
+      pages.append(page)
+    return pages
+
   def insert(self, blocks: list[tuple[int, ...]], pages: list[int]) -> None:
     """Cache each (block tokens, page) along the chain; the cache takes its own reference."""
     parent = ""

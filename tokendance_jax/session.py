@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tokendance_jax import collector, diffstore, masters, model, sampling, sharding
+from tokendance_jax import admission, collector, diffstore, masters, model, sharding
 from tokendance_jax.config import AttentionConfig, CacheConfig, ModelConfig
 from tokendance_jax.engine import Engine, bucket, build_batch
 from tokendance_jax.paging import BlockTable, OutOfPages, pages_needed
@@ -177,20 +177,22 @@ class RoundSession:
       if not self.keep_masters:
         self.masters.retain_only(rnd.shared_segments().keys())
       self._prefill_masters(rnd, stats)
-    agents = self._layout_all(rnd)
-    seqs: list = []  # the engine sequences adopted for decode
-    try:
-      first, logprobs = self._prefill(agents, stats)
-      prefill_seconds = time.perf_counter() - start
-      fp = diffstore.footprint([a.table for a in agents], [a.shared_blocks() for a in agents],
-                               [a.mirror_blocks for a in agents], self.allocator)
-      outputs = self._decode(agents, first, seqs)
-      self._finish(agents, outputs)
-    except BaseException:  # leave the pool as the round found it, less the masters it made
-      for s in seqs:
-        self.engine.abort(s.seq_id)
-      self._release(agents)
-      raise
+    prefill_seconds = time.perf_counter() - start
+    agents, outputs, logprobs, fps = [], {}, [], []
+    waves = self._plan_waves(rnd)
+    for wave in waves:
+      t0 = time.perf_counter()
+      wave_agents, wave_out, lp, fp, wave_prefill = self._run_wave(
+          [rnd.prompts[i] for i in wave], stats, t0)
+      prefill_seconds += wave_prefill
+      agents += wave_agents
+      outputs.update(wave_out)
+      logprobs.append(lp)
+      fps.append(fp)
+    fp = fps[0].footprint if len(fps) == 1 else diffstore.combine_footprints(fps)
+    logprobs = (jnp.concatenate(logprobs) if len(logprobs) > 1 else logprobs[0]) \
+        if self._want_logits else None
+    stats.update(waves=len(waves), wave_sizes=[len(w) for w in waves])
     output_keys = {}
     for agent_id, ids in outputs.items():
       if ids:
@@ -216,6 +218,76 @@ class RoundSession:
     self.round_index += 1
     return result
 
+  def _run_wave(self, prompts, stats: dict, start: float):
+    """Lay out, prefill, decode and hand over one wave of agents. Returns (agents, outputs,
+    log-probs or None, footprint after prefill, prefill seconds). On failure the wave's
+    sequences are aborted and its pages released."""
+    agents = self._layout_all(prompts)
+    seqs: list = []  # the engine sequences adopted for decode
+    try:
+      first, logprobs = self._prefill(agents, stats)
+      prefill_seconds = time.perf_counter() - start
+      fp = diffstore.wave_footprint([a.table for a in agents],
+                                    [a.shared_blocks() for a in agents],
+                                    [a.mirror_blocks for a in agents], self.allocator,
+                                    self._kept_pages())
+      outputs = self._decode(agents, first, seqs)
+      self._finish(agents, outputs)
+    except BaseException:  # leave the pool as the round found it, less the masters it made
+      for s in seqs:
+        self.engine.abort(s.seq_id)
+      self._release(agents)
+      raise
+    return agents, outputs, logprobs, fp, prefill_seconds
+
+  def _kept_pages(self) -> set[int]:
+    """Pages the session holds across waves and rounds (masters, the prefix cache)."""
+    kept = {p for m in self.masters.masters.values() for p in m.pages}
+    if self.prefix is not None:
+      kept.update(self.prefix.entries.values())
+    return kept
+
+  def _plan_waves(self, rnd: Round) -> list[list[int]]:
+    """The round's agents in waves that fit the pool (`admission.plan_waves`), from an upper
+    bound of each agent's pages: fresh prompt pages, the copy-on-write pages its recompute
+    can touch, and its output pages."""
+    ps, refcount = self.cache_cfg.page_size, self.allocator.refcount
+    evictable = set()
+    if self.prefix is not None:
+      evictable = {p for p in self.prefix.entries.values() if refcount(p) == 1}
+    if self.keep_masters:
+      evictable.update(p for m in self.masters.masters.values()
+                       if all(refcount(q) == 1 for q in m.pages) for p in m.pages)
+    available = self.allocator.num_free + len(evictable)
+    claimed, needs = set(), []
+    for prompt in rnd.prompts:
+      need = pages_needed(prompt.max_tokens, ps)
+      if self.prefix is not None:
+        blocks = self._block_tokens(prompt)
+        hits = self.prefix.peek(blocks)[:len(blocks) - 1]
+        need += len(blocks) - len(hits) + len(evictable.intersection(hits) - claimed)
+        claimed.update(hits)
+      else:
+        for seg in prompt.segments:
+          n = pages_needed(len(seg), ps)
+          if seg.shared and self.method == "tokendance":
+            n = 0  # a mirror of the master; its copy-on-write pages are counted below
+          need += n
+        if self.method == "tokendance":
+          shared = sum(pages_needed(len(s), ps) for s in prompt.segments if s.shared)
+          need += min(shared, self._cow_bound(prompt))
+      needs.append(need)
+    return admission.plan_waves(needs, available, [p.agent_id for p in rnd.prompts])
+
+  def _cow_bound(self, prompt) -> int:
+    """Most master blocks one agent's recompute can touch (each selected token one block)."""
+    ps = self.cache_cfg.page_size
+    if self.policy.select == "epic":
+      return sum(pages_needed(min(self.policy.epic_k, len(s)), ps) for s in prompt.segments
+                 if s.shared)
+    shared = sum(len(s) for s in prompt.segments if s.shared)
+    return int(round(self.policy.recompute * shared))
+
   def close(self) -> None:
     """Free masters and cached pages; the pool is empty afterwards."""
     self.masters.clear()
@@ -224,10 +296,10 @@ class RoundSession:
 
   # -- layout -------------------------------------------------------------------
 
-  def _layout_all(self, rnd: Round) -> list[AgentState]:
+  def _layout_all(self, prompts) -> list[AgentState]:
     agents: list[AgentState] = []
     try:
-      for p in rnd.prompts:
+      for p in prompts:
         agents.append(self._layout(p))
     except BaseException:
       self._release(agents)
