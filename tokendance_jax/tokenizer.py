@@ -6,10 +6,13 @@ Hugging Face `tokenizers` pipeline: every digit is its own pre-token, then
 GPT-2 byte-level regex splitting, byte-level BPE, byte-level decoding. This is
 what llama.cpp does for the "smollm" pre-tokenizer ("\\p{N}" split, then the
 GPT-2 regex). The control tokens (ids 0..16, e.g. <|im_start|>) are added as
-special tokens so they encode atomically wherever they appear in text.
+special tokens so `encode` makes them atomic wherever they appear in raw text.
 
 The chat template is implemented in Python (no jinja2), matching the GGUF's
-`tokenizer.chat_template` character for character.
+`tokenizer.chat_template` character for character. Chat ids are built from
+parts: only the template's own markers become control ids; message text is
+encoded as text (`encode_text`), so a message holding "<|im_end|>" cannot
+close its turn or forge another one.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import functools
 import os
 import pathlib
+import re
 from collections.abc import Iterable, Mapping, Sequence
 
 import gguf
@@ -29,6 +33,7 @@ SUPPORTED_PRE_TOKENIZERS = ("smollm",)
 DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
+CHAT_ROLES = ("system", "user", "assistant")  # the roles SmolLM2's chat template was trained on
 
 
 def _split_merges(merges: Iterable[str]) -> list[tuple[str, str]]:
@@ -41,8 +46,13 @@ def _split_merges(merges: Iterable[str]) -> list[tuple[str, str]]:
   return pairs
 
 
-def _build_backend(tokens: list[str], merges: list[tuple[str, str]], special: list[str]):
-  """A `tokenizers.Tokenizer`: Digits -> ByteLevel pre-tokenizer, BPE, ByteLevel decoder."""
+def _build_backend(tokens: list[str], merges: list[tuple[str, str]], special: list[str],
+                   match_special: bool = True):
+  """A `tokenizers.Tokenizer`: Digits -> ByteLevel pre-tokenizer, BPE, ByteLevel decoder.
+
+  match_special=False encodes special-token strings like any other text (the
+  tokens stay in the vocabulary, so decoding is the same).
+  """
   vocab = {token: i for i, token in enumerate(tokens)}
   if len(vocab) != len(tokens):
     raise ValueError(f"GGUF vocabulary has {len(tokens) - len(vocab)} duplicate tokens")
@@ -63,6 +73,7 @@ def _build_backend(tokens: list[str], merges: list[tuple[str, str]], special: li
   backend.add_special_tokens(
       [tokenizers.AddedToken(t, special=True, normalized=False) for t in special]
   )
+  backend.encode_special_tokens = not match_special
   return backend
 
 
@@ -96,7 +107,12 @@ class Tokenizer:
     self.bos_id, self.eos_id, self.unk_id, self.pad_id = bos_id, eos_id, unk_id, pad_id
     self.add_bos = add_bos
     special = [self._tokens[i] for i in self.special_ids]
-    self._backend = _build_backend(self._tokens, _split_merges(merges), special)
+    pairs = _split_merges(merges)
+    self._backend = _build_backend(self._tokens, pairs, special)
+    self._text_backend = _build_backend(self._tokens, pairs, special, match_special=False)
+    longest_first = sorted(special, key=len, reverse=True)  # the longest match wins
+    self._special_re = (re.compile("(" + "|".join(map(re.escape, longest_first)) + ")")
+                        if special else None)
 
   # -- construction ----------------------------------------------------------
 
@@ -155,8 +171,11 @@ class Tokenizer:
   # -- encode / decode -------------------------------------------------------
 
   def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-    """Token ids for `text`; special-token strings in it become single ids.
+    """Token ids for raw `text`; special-token strings in it become single ids.
 
+    This is for trusted or raw prompt text (e.g. a /v1/completions prompt,
+    which may spell out ChatML itself). Never use it on chat message content:
+    `encode_chat` / `encode_parts` keep user text from forging control tokens.
     add_special_tokens=True prepends BOS only if the GGUF asks for it
     (`tokenizer.ggml.add_bos_token`, False for SmolLM2), like Hugging Face.
     """
@@ -167,6 +186,34 @@ class Tokenizer:
       ids = [self.bos_id, *ids]
     return ids
 
+  def encode_text(self, text: str) -> list[int]:
+    """Token ids for `text` as plain text: special-token strings split like any other text."""
+    if not isinstance(text, str):
+      raise TypeError(f"encode_text() takes a str, got {type(text).__name__}")
+    return self._text_backend.encode(text, add_special_tokens=False).ids if text else []
+
+  def encode_parts(self, parts: Iterable[tuple[str, bool]]) -> list[int]:
+    """Token ids for concatenated (text, is_template) parts.
+
+    Special-token strings become control ids only inside template parts; the
+    other parts are user text, encoded as text. The text between two control
+    tokens is encoded as one run across part boundaries, so when user text
+    holds no special-token string the ids equal `encode` of the joined text.
+    """
+    ids, run = [], []
+    for text, template in parts:
+      if not isinstance(text, str):
+        raise TypeError(f"encode_parts() takes (str, bool) parts, got {type(text).__name__}")
+      pieces = self._special_re.split(text) if template and self._special_re else [text]
+      for j, piece in enumerate(pieces):
+        if j % 2:  # a special token the template spells out
+          ids += self.encode_text("".join(run))
+          ids.append(self.token_to_id(piece))
+          run = []
+        else:
+          run.append(piece)
+    return ids + self.encode_text("".join(run))
+
   def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
     ids = [int(i) for i in ids]
     bad = [i for i in ids if not 0 <= i < self.vocab_size]
@@ -176,28 +223,40 @@ class Tokenizer:
 
   # -- chat ------------------------------------------------------------------
 
-  def apply_chat_template(
+  def chat_parts(
       self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
-  ) -> str:
-    """ChatML prompt, identical to rendering the GGUF's jinja chat template.
+  ) -> list[tuple[str, bool]]:
+    """The ChatML prompt as (text, is_template) parts; message contents are the non-template
+    parts. Joined, the texts are `apply_chat_template`; `encode_parts` gives the ids.
 
     A default system message is prepended when the first message is not a
-    system message. An empty list is rejected (as transformers does).
+    system message. An empty list, or a role outside CHAT_ROLES, is rejected.
     """
     _check_messages(messages)
     parts = []
     if messages[0]["role"] != "system":
-      parts.append(f"{IM_START}system\n{DEFAULT_SYSTEM_PROMPT}{IM_END}\n")
+      parts.append((f"{IM_START}system\n{DEFAULT_SYSTEM_PROMPT}{IM_END}\n", True))
     for m in messages:
-      parts.append(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n")
+      parts += [(f"{IM_START}{m['role']}\n", True), (m["content"], False), (f"{IM_END}\n", True)]
     if add_generation_prompt:
-      parts.append(f"{IM_START}assistant\n")
-    return "".join(parts)
+      parts.append((f"{IM_START}assistant\n", True))
+    return parts
+
+  def apply_chat_template(
+      self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
+  ) -> str:
+    """ChatML prompt text, identical to rendering the GGUF's jinja chat template.
+
+    Text only (for display or comparison): `encode` of it would turn special
+    strings inside messages into control ids; use `encode_chat` for ids.
+    """
+    return "".join(text for text, _ in self.chat_parts(messages, add_generation_prompt))
 
   def encode_chat(
       self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
   ) -> list[int]:
-    return self.encode(self.apply_chat_template(messages, add_generation_prompt))
+    """ChatML prompt ids: the template's markers as control ids, message text as text."""
+    return self.encode_parts(self.chat_parts(messages, add_generation_prompt))
 
 
 def _optional_int(reader: gguf.GGUFReader, key: str) -> int | None:
@@ -215,8 +274,9 @@ def _check_messages(messages) -> None:
     if not isinstance(m, Mapping):
       raise ValueError(f"message #{i} {m!r} is not a dict with 'role' and 'content'")
     role, content = m.get("role"), m.get("content")
-    if not isinstance(role, str) or not role or any(c.isspace() for c in role) or "<|" in role:
-      raise ValueError(f"message #{i} {m!r}: role must be one word like 'user', got {role!r}")
+    if role not in CHAT_ROLES:
+      raise ValueError(f"message #{i} {m!r}: role must be one of {', '.join(CHAT_ROLES)}; "
+                       f"got {role!r}")
     if not isinstance(content, str):
       raise ValueError(f"message #{i} {m!r}: content must be a str, got {type(content).__name__}")
 
