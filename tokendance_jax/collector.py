@@ -16,7 +16,7 @@ calls over one ragged batch:
    deviation per page (block level), on device.
 3. `copy_pages`: copy-on-write of master pages into an agent's own pages.
 
-The recompute itself is one `engine._model_step` over the selected tokens.
+The recompute itself is one `Engine.prefill` over the selected tokens.
 """
 
 from __future__ import annotations

@@ -172,6 +172,17 @@ class Engine:
   def has_unfinished(self) -> bool:
     return bool(self.waiting or self.running)
 
+  @property
+  def num_waiting(self) -> int:
+    return len(self.waiting)
+
+  def sequence(self, seq_id: int) -> Sequence:
+    """The live sequence `seq_id` (waiting, running or finished); KeyError if unknown."""
+    for seq in itertools.chain(self.waiting, self.running):
+      if seq.seq_id == seq_id:
+        return seq
+    return self.finished[seq_id]
+
   def abort(self, seq_id: int) -> Sequence | None:
     """Remove a sequence wherever it is (waiting, running or finished); returns it, or None
     for an unknown id. Its pages are freed unless it was adopted (`retain`): those stay in

@@ -17,6 +17,14 @@ session: requests wait in its bounded queue and every device call runs in its
 single executor thread (`engine.step()` between HTTP events, session rounds
 between steps). Past the bound a request gets 429 with `Retry-After`. Bad
 input gets a 4xx in the OpenAI error shape and the server keeps serving.
+
+Handlers never touch engine, session, registry or allocator state while the
+worker may be using it: reads (session info, /metrics) and aborts are
+closures run on the worker thread (`Worker.call`, `Worker._abort`); only the
+worker's own loop touches the engine between its executor calls, when the
+executor is idle. Chat messages are encoded with the tokenizer's template
+markers as control tokens and message text as plain text, so a message
+cannot forge a turn.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import re
 import secrets
 import threading
 import time
@@ -43,8 +52,9 @@ from tokendance_jax.config import CacheConfig
 from tokendance_jax.paging import OutOfPages, pages_needed
 from tokendance_jax.roundrun import SYSTEM_CLOSE, SYSTEM_OPEN, TURN_CLOSE
 from tokendance_jax.rounds import (PRIVATE_MARK, SHARED_MARK, AgentPrompt, ReusePolicy, Round,
-                                   Segment, parse_text)
+                                   Segment)
 from tokendance_jax.sampling import SamplingParams
+from tokendance_jax.tokenizer import CHAT_ROLES
 
 log = logging.getLogger("tokendance_jax.server")
 
@@ -287,8 +297,12 @@ class Worker:
       with contextlib.suppress(asyncio.CancelledError, Exception):
         await self._task
     await loop.run_in_executor(self._executor, lambda: None)  # a step in flight ends first
-    for c in list(self._active):
-      self._abort(c)
+    active = list(self._active)
+    try:
+      await self._abort(loop, active)
+    except Exception:  # noqa: BLE001 - still answer the clients and close the sessions
+      log.exception("aborting the active sequences on shutdown failed")
+    for c in active:
       self._finish_event(c, "abort", error="server shutting down")
     for job in self._jobs:
       if isinstance(job, _Call) and not job.future.done():
@@ -307,7 +321,9 @@ class Worker:
 
   @property
   def queue_depth(self) -> int:
-    return len(self._jobs) + len(self.engine.waiting)
+    """Jobs queued plus sequences waiting in the engine (two len() reads: atomic, no mutation,
+    so /health may read it on the event loop while the worker runs)."""
+    return len(self._jobs) + self.engine.num_waiting
 
   def _reserve(self, bounded: bool = True) -> None:
     """Count one more job, or 429 past max_batch running + max_queue waiting."""
@@ -330,7 +346,8 @@ class Worker:
   async def call(self, fn, bounded: bool = True):
     """Run fn() on the worker thread between engine steps; returns its result.
 
-    bounded=False skips the queue bound (for work that frees resources).
+    bounded=False skips the queue bound (for work that frees resources, and
+    cheap reads that should answer under load: session info, /metrics).
     """
     self.ensure_started()
     self._reserve(bounded)
@@ -360,7 +377,7 @@ class Worker:
         raise
       except Exception as e:  # noqa: BLE001 - a bug must not stop the server
         log.exception("worker iteration failed")
-        self._fail_active(f"{type(e).__name__}: {e}")
+        await self._fail_active(loop, f"{type(e).__name__}: {e}")
 
   async def _iteration(self, loop) -> None:
     while self._jobs:
@@ -372,10 +389,15 @@ class Worker:
     if self._active:
       await self._step(loop)
 
-  def _fail_active(self, message: str) -> None:
+  async def _fail_active(self, loop, message: str) -> None:
+    """Abort every active completion and answer it with a 500 carrying `message`."""
     self.last_error = message
-    for c in list(self._active):
-      self._abort(c)
+    active = list(self._active)
+    try:
+      await self._abort(loop, active)
+    except Exception:  # noqa: BLE001 - the engine may be broken; still answer the clients
+      log.exception("aborting the active sequences failed")
+    for c in active:
       self._finish_event(c, "error", error=message, status=500)
 
   async def _run_call(self, loop, job: _Call) -> None:
@@ -397,11 +419,11 @@ class Worker:
       self._finish_event(c, "abort")
       return
     try:
-      self.engine.add_request(c.prompt, c.params)
+      seq_id = self.engine.add_request(c.prompt, c.params)
     except ValueError as e:
       self._finish_event(c, "error", error=str(e), status=400)
       return
-    c.seq = self.engine.waiting[-1]
+    c.seq = self.engine.sequence(seq_id)
     self._active.append(c)
 
   async def _step(self, loop) -> None:
@@ -411,19 +433,29 @@ class Worker:
       raise
     except Exception as e:  # noqa: BLE001 - fail the batch, keep serving
       log.exception("engine step failed")
-      self._fail_active(f"engine step failed: {type(e).__name__}: {e}")
+      await self._fail_active(loop, f"engine step failed: {type(e).__name__}: {e}")
       return
+    ending = []  # (completion, (reason, completion_tokens)): to abort before answering
     for c in list(self._active):
-      self._publish(c)
+      end = self._publish(c)
+      if end is not None:
+        ending.append((c, end))
+    if ending:
+      await self._abort(loop, [c for c, _ in ending])
+      for c, (reason, n) in ending:
+        self._finish_event(c, reason, completion_tokens=n)
 
   # -- per-request output --
 
-  def _publish(self, c: _Completion) -> None:
-    """Push the new text of `c`; finish it on EOS, max_tokens, a stop string or a cancel."""
+  def _publish(self, c: _Completion) -> tuple[str, int] | None:
+    """Push the new text of `c`; finish it on EOS, max_tokens, a stop string or a cancel.
+
+    Returns (reason, completion_tokens) when c's sequence must leave the engine
+    first (a cancel, or a stop string before the engine finished it): the
+    caller aborts it on the worker thread, then finishes c.
+    """
     if c.cancelled:
-      self._abort(c)
-      self._finish_event(c, "abort")
-      return
+      return "abort", 0
     seq = c.seq
     reason = seq.finish_reason
     ids = list(seq.output)
@@ -434,33 +466,28 @@ class Worker:
       ids = ids[:-1]
     text = self.tok.decode(ids)
     cut = _find_stop(text, c.stop)
+    unfinished = seq.finish_reason is None
     if cut is not None:
       text, reason = text[:cut], "stop"
-      if seq.finish_reason is None:
-        self._abort(c)
     if reason is None:
       text = _stable_prefix(text, c.stop)
     if text.startswith(c.sent) and len(text) > len(c.sent):
       c.events.put_nowait(("delta", text[len(c.sent):]))
       c.sent = text
     if reason is not None:
-      self.engine.finished.pop(seq.seq_id, None)
+      if unfinished:
+        return reason, len(seq.output)
+      self.engine.abort(seq.seq_id)  # finished: only leaves the engine's finished table
       self._finish_event(c, reason, completion_tokens=len(seq.output))
+    return None
 
-  def _abort(self, c: _Completion) -> None:
-    """Take c's sequence out of the engine and free its pages."""
-    seq, engine = c.seq, self.engine
-    if seq is None:
-      return
-    if any(s is seq for s in engine.running):
-      engine.running.remove(seq)
-      seq.table.release(engine.allocator)
-    elif any(s is seq for s in engine.waiting):
-      engine.waiting.remove(seq)
-      seq.table.release(engine.allocator)
-    engine.finished.pop(seq.seq_id, None)
-    if seq.finish_reason is None:
-      seq.finish_reason = "abort"
+  async def _abort(self, loop, completions: list[_Completion]) -> None:
+    """Take the completions' sequences out of the engine and free their pages (`Engine.abort`),
+    on the worker thread: the engine's queues and allocator belong to it."""
+    ids = [c.seq.seq_id for c in completions if c.seq is not None]
+    if ids:
+      engine = self.engine
+      await loop.run_in_executor(self._executor, lambda: [engine.abort(i) for i in ids])
 
   def _finish_event(self, c: _Completion, reason: str, *, completion_tokens: int = 0,
                     error: str | None = None, status: int = 500) -> None:
@@ -551,10 +578,22 @@ class Worker:
 
   @property
   def chat_pages_used(self) -> int:
+    """Pages of the marked-chat reuse pool in use (worker thread, or once it stopped)."""
     return 0 if self._chat_rs is None else self._chat_rs.allocator.num_used
 
   def session_pages_used(self) -> int:
-    return sum(s.rs.allocator.num_used for s in self.sessions.values())
+    """Pages the sessions' pools hold (worker thread, or once it stopped)."""
+    return sum(s.rs.allocator.num_used for s in list(self.sessions.values()))
+
+  def gauges(self) -> dict[str, int]:
+    """Engine and session gauges for /metrics; call on the worker thread
+    (`await worker.call(worker.gauges)`): they read state that steps and rounds change."""
+    e, sessions = self.engine, list(self.sessions.values())  # one atomic copy of the dict
+    return {"pages_used": e.allocator.num_used, "pages_free": e.allocator.num_free,
+            "session_pages_used": sum(s.rs.allocator.num_used for s in sessions),
+            "session_master_pages": sum(s.rs.masters.num_pages for s in sessions),
+            "chat_pages_used": self.chat_pages_used, "queue_depth": self.queue_depth,
+            "running": len(e.running), "preemptions": e.num_preemptions}
 
 
 def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
@@ -594,8 +633,8 @@ class RoundsSession:
     self.max_tokens = body.max_tokens
     self.rs = RoundSession(params, cfg, method=body.method, policy=policy, cache_cfg=cache_cfg,
                            attn=attn, sampling=sampling, quality=False)
-    self.system = Segment(tuple(tok.encode(SYSTEM_OPEN + body.system + SYSTEM_CLOSE)),
-                          shared=True, name="system")
+    system = [(SYSTEM_OPEN, True), (body.system, False), (SYSTEM_CLOSE, True)]
+    self.system = Segment(tuple(tok.encode_parts(system)), shared=True, name="system")
     self.last_outputs: dict[str, list[int]] = {}
     self.last_stats: dict | None = None
     self.rounds = 0
@@ -608,16 +647,17 @@ class RoundsSession:
       segs = [self.system, self._private(f"You are agent {a}. {self.personas[a]}")]
       for b, ids in self.last_outputs.items():
         if b != a and ids:
-          segs.append(Segment(tuple(self.tok.encode(f"\n\nAgent {b} said:\n")), shared=True,
-                              name=f"header:{b}"))
+          header = self.tok.encode_parts([(f"\n\nAgent {b} said:\n", False)])
+          segs.append(Segment(tuple(header), shared=True, name=f"header:{b}"))
           segs.append(Segment(tuple(ids), shared=True, name=f"out:{b}"))
       msg = messages.get(a, "")
-      segs.append(self._private(("\n\n" + msg if msg else "") + TURN_CLOSE))
+      segs.append(self._private("\n\n" + msg if msg else "", TURN_CLOSE))
       prompts.append(AgentPrompt(a, segs, max_tokens=max_tokens))
     return Round(prompts)
 
-  def _private(self, text: str) -> Segment:
-    return Segment(tuple(self.tok.encode(text)), shared=False)
+  def _private(self, text: str, template: str = "") -> Segment:
+    """A private segment: user `text` encoded as text, then the `template` markup."""
+    return Segment(tuple(self.tok.encode_parts([(text, False), (template, True)])), shared=False)
 
   def run(self, agents: list[str], messages: dict[str, str], max_tokens: int) -> dict:
     if self.closed:
@@ -679,8 +719,10 @@ class RoundsSession:
 def create_app(engine, tokenizer, *, config: ServerConfig | None = None, **overrides) -> FastAPI:
   """A FastAPI app serving `engine` (an `Engine`) with `tokenizer`.
 
-  `tokenizer` needs `encode(text) -> ids`, `decode(ids) -> text` and
-  `apply_chat_template(messages) -> text`. Keyword overrides replace fields of
+  `tokenizer` needs `encode(text) -> ids` (raw prompts: special-token strings
+  become control ids), `decode(ids) -> text`, `chat_parts(messages) -> [(text,
+  is_template)]` and `encode_parts(parts) -> ids` (control ids only from the
+  template parts), like `tokenizer.Tokenizer`. Keyword overrides replace fields of
   `config` (e.g. `api_key="..."`, `max_queue=4`). The worker is at
   `app.state.worker`.
   """
@@ -784,6 +826,8 @@ def _check_model(name: str, cfg: ServerConfig) -> None:
 
 
 def _completion_prompt(body: CompletionRequest, worker: Worker) -> list[int]:
+  """The prompt's ids. A text prompt is raw text: special-token strings in it (e.g. a
+  hand-written "<|im_start|>user") become control ids, as completions clients expect."""
   p = body.prompt
   if isinstance(p, list) and p and isinstance(p[0], str):
     if len(p) != 1:
@@ -801,7 +845,11 @@ def _chat_messages(body: ChatRequest, strip_marks: bool) -> list[dict]:
   if not body.messages:
     raise bad_request("messages is empty; send at least one message", param="messages")
   msgs = []
-  for m in body.messages:
+  for i, m in enumerate(body.messages):
+    if m.role not in CHAT_ROLES:
+      raise bad_request(f"messages[{i}].role {m.role!r} is not supported; use one of "
+                        f"{', '.join(CHAT_ROLES)}", param=f"messages.{i}.role",
+                        code="invalid_value")
     content = m.content if isinstance(m.content, str) else "".join(
         part.text for part in m.content if part.type == "text")
     if strip_marks:
@@ -811,8 +859,9 @@ def _chat_messages(body: ChatRequest, strip_marks: bool) -> list[dict]:
 
 
 def _chat_prompt(body: ChatRequest, worker: Worker) -> list[int]:
+  """The chat's ids: template markers as control ids, message text as text."""
   try:
-    return worker.tok.encode(worker.tok.apply_chat_template(_chat_messages(body, True)))
+    return worker.tok.encode_parts(worker.tok.chat_parts(_chat_messages(body, True)))
   except ValueError as e:
     raise bad_request(str(e), param="messages") from None
 
@@ -830,10 +879,33 @@ def _chat_segments(body: ChatRequest, worker: Worker) -> list[Segment] | None:
   for m in msgs:  # a shared span never runs into the template text after its message
     m["content"] = m["content"] + (PRIVATE_MARK if SHARED_MARK in m["content"] else "")
   try:
-    text = worker.tok.apply_chat_template(msgs)
-    return parse_text(text, worker.tok.encode)
+    return _marked_segments(worker.tok.chat_parts(msgs), worker.tok.encode_parts)
   except ValueError as e:
     raise bad_request(str(e), param="messages") from None
+
+
+def _marked_segments(parts: list[tuple[str, bool]], encode_parts) -> list[Segment]:
+  """Split (text, is_template) chat parts at the marks in their user text into segments.
+
+  Like `rounds.parse_text` on the joined text, but each segment's ids come from
+  `encode_parts`, so only template parts can produce control tokens. Marks in
+  template text are not marks.
+  """
+  marks = {SHARED_MARK: True, PRIVATE_MARK: False}
+  split = re.compile("(" + "|".join(map(re.escape, marks)) + ")")
+  segments, run, shared = [], [], False
+  pieces = [(p, template) for text, template in parts
+            for p in ([text] if template else split.split(text))]
+  for piece, template in [*pieces, (PRIVATE_MARK, False)]:  # the last mark flushes the run
+    if not template and piece in marks:
+      if run:
+        segments.append(Segment(tuple(encode_parts(run)), shared=shared))
+      run, shared = [], marks[piece]
+    elif piece:
+      run.append((piece, template))
+  if not segments:
+    raise ValueError("text holds no segment")
+  return segments
 
 
 async def _generate_with_reuse(worker: Worker, body: ChatRequest, segments: list[Segment]):
@@ -1028,23 +1100,26 @@ def _add_session_routes(router: APIRouter, worker: Worker) -> None:
     engine, cache_cfg = worker.engine, worker.session_cache_cfg()
 
     def make():
-      return RoundsSession(sid, body, engine.params, engine.cfg, worker.tok, cache_cfg,
+      sess = RoundsSession(sid, body, engine.params, engine.cfg, worker.tok, cache_cfg,
                            engine.attn)
+      return sess, sess.describe()
 
     try:
-      sess = await worker.call(make)
+      sess, info = await worker.call(make)
     except ValueError as e:
       raise bad_request(str(e)) from None
     worker.sessions[sid] = sess
-    return sess.describe()
+    return info
 
   @router.get("/v1/sessions")
   async def list_sessions():
-    return {"object": "list", "data": [s.describe() for s in worker.sessions.values()]}
+    sessions = list(worker.sessions.values())
+    infos = await worker.call(lambda: [s.describe() for s in sessions], bounded=False)
+    return {"object": "list", "data": infos}
 
   @router.get("/v1/sessions/{sid}")
   async def get_session(sid: str):
-    return _session(worker, sid).describe()
+    return await worker.call(_session(worker, sid).describe, bounded=False)
 
   @router.post("/v1/sessions/{sid}/rounds")
   async def run_round(sid: str, request: Request):
@@ -1130,28 +1205,30 @@ def _add_ops_routes(app: FastAPI, worker: Worker) -> None:
 
   @app.get("/metrics", response_class=PlainTextResponse)
   async def metrics():
-    return PlainTextResponse(_prometheus(worker), media_type="text/plain; version=0.0.4")
+    gauges = await worker.call(worker.gauges, bounded=False)
+    return PlainTextResponse(_prometheus(worker, gauges), media_type="text/plain; version=0.0.4")
 
 
-def _prometheus(worker: Worker) -> str:
-  e, m = worker.engine, worker.metrics
+def _prometheus(worker: Worker, g: dict[str, int]) -> str:
+  """The /metrics text from the worker's `gauges()` `g` and the event loop's counters."""
+  m = worker.metrics
   rows = [
-      ("tokendance_pages_used", "gauge", "engine KV pages in use", e.allocator.num_used),
-      ("tokendance_pages_free", "gauge", "engine KV pages free", e.allocator.num_free),
+      ("tokendance_pages_used", "gauge", "engine KV pages in use", g["pages_used"]),
+      ("tokendance_pages_free", "gauge", "engine KV pages free", g["pages_free"]),
       ("tokendance_session_pages_used", "gauge", "KV pages held by sessions",
-       worker.session_pages_used()),
+       g["session_pages_used"]),
       ("tokendance_session_master_pages", "gauge", "shared master pages held by sessions",
-       sum(s.rs.masters.num_pages for s in worker.sessions.values())),
+       g["session_master_pages"]),
       ("tokendance_chat_reuse_pages_used", "gauge", "KV pages of the marked-chat reuse pool",
-       worker.chat_pages_used),
-      ("tokendance_queue_depth", "gauge", "requests waiting", worker.queue_depth),
-      ("tokendance_running", "gauge", "sequences decoding", len(e.running)),
+       g["chat_pages_used"]),
+      ("tokendance_queue_depth", "gauge", "requests waiting", g["queue_depth"]),
+      ("tokendance_running", "gauge", "sequences decoding", g["running"]),
       ("tokendance_sessions", "gauge", "open sessions", len(worker.sessions)),
       ("tokendance_prompt_tokens_total", "counter", "prompt tokens accepted", m.prompt_tokens),
       ("tokendance_generated_tokens_total", "counter", "tokens generated", m.generated_tokens),
       ("tokendance_tokens_per_second", "gauge", "generation rate over the last 10 s",
        round(m.tokens_per_second(), 3)),
-      ("tokendance_preemptions_total", "counter", "engine preemptions", e.num_preemptions),
+      ("tokendance_preemptions_total", "counter", "engine preemptions", g["preemptions"]),
       ("tokendance_round_seconds_sum", "counter", "session round latency, total",
        round(m.round_seconds_sum, 6)),
       ("tokendance_round_seconds_count", "counter", "session rounds run", m.rounds),
