@@ -26,8 +26,7 @@ from tokendance_jax import api
 from tokendance_jax.bench import summary
 from tokendance_jax.config import CacheConfig
 from tokendance_jax.roundrun import RoundRunConfig, run_rounds
-
-METHODS = ("full", "prefix", "cacheblend", "epic", "tokendance")
+from tokendance_jax.rounds import METHODS
 
 
 def _summary(res: dict) -> dict:

@@ -82,8 +82,8 @@ def clean(params):
 class CallCounter:
   """Wraps `obj.name`; raises `exc` on call number `fail_at` (1-based), counts calls."""
 
-  def __init__(self, monkeypatch, obj, name, fail_at=None, exc=Fault("injected")):
-    self.calls, self.fail_at, self.exc = 0, fail_at, exc
+  def __init__(self, monkeypatch, obj, name, fail_at=None, exc=None):
+    self.calls, self.fail_at, self.exc = 0, fail_at, exc or Fault("injected")
     inner = getattr(obj, name)
 
     def wrapped(*a, **k):
@@ -146,19 +146,17 @@ def test_a_fault_anywhere_in_a_round_leaks_nothing(params, clean, method, point)
     assert sess.allocator.num_used == 0
 
 
-def test_prefix_layout_that_runs_out_frees_the_hits_it_took(params):
+def test_prefix_layout_that_runs_out_frees_the_hits_it_took(params, monkeypatch):
   """Prefix caching: the layout takes cached pages (hits) for a segment, then the fresh
-  pages for the rest of it run out. The hits already taken are released too."""
-  cc = CacheConfig(num_pages=40, page_size=8)
-  sess = RoundSession(params, CFG, method="prefix", cache_cfg=cc, quality=False)
-  sys_seg = Segment(tuple(range(3, 3 + 28)), True, "system")  # 4 pages, 3 full
+  page for the rest of it cannot be had. The hits already taken are released too."""
+  sess = RoundSession(params, CFG, method="prefix", cache_cfg=POOL, quality=False)
+  sys_seg = Segment(tuple(range(3, 3 + 28)), True, "system")  # 4 pages: 3 full, 1 partial
   one = Round([AgentPrompt("a0", [sys_seg, Segment((40, 41), False, "t")], max_tokens=2)])
   sess.run_round(one)
-  # a longer system prompt with the same first 24 tokens: 3 hits, then 37 fresh pages (36 free, even after eviction)
-  long_seg = Segment(tuple(range(3, 3 + 24)) + tuple(3 + i % 250 for i in range(296)), True, "system")
-  big = Round([AgentPrompt("a0", [long_seg, Segment((40, 41), False, "t")], max_tokens=2)])
+  # the same system prompt: 3 hits, then the partial block's page is refused
+  CallCounter(monkeypatch, sess.allocator, "alloc", 1, OutOfPages(1, 0))
   with pytest.raises(OutOfPages):
-    sess.run_round(big)
+    sess.run_round(one)
   assert_pool_holds_only_kept(sess)
   sess.close()
   assert sess.allocator.num_used == 0

@@ -25,7 +25,7 @@ import time
 # The demo's defaults (the `demo` subcommand's flags override them).
 DEFAULTS = dict(preset="agent_society", agents=16, rounds=2, max_tokens=16, select="block",
                 recompute=0.05, eval_agents=4)
-METHODS = ("prefix", "tokendance")
+DEMO_METHODS = ("prefix", "tokendance")  # the baseline, then ours
 
 
 def demo_config(args):
@@ -34,7 +34,7 @@ def demo_config(args):
 
   return bench.BenchConfig(
       experiment="demo", preset=args.preset, agents=[args.agents], rounds=args.rounds,
-      methods=[(m, None) for m in METHODS], select=args.select, recompute=args.recompute,
+      methods=[(m, None) for m in DEMO_METHODS], select=args.select, recompute=args.recompute,
       check_layer=args.check_layer, masters=[args.masters], tau=args.tau,
       max_tokens=args.max_tokens, num_pages=None, page_size=args.page_size,
       slo_seconds=bench.SLO_SECONDS, order=args.order, seed=args.seed, quality_agents=[],
@@ -115,7 +115,7 @@ def show_outputs(result: dict, agents: int = 3) -> str:
   rnd = len(result["runs"]["prefix"]["rounds"]) - 1
   lines = [f"round {rnd} outputs (prefix caching | tokendance):"]
   for agent in list(last["prefix"])[:agents]:
-    for m in METHODS:
+    for m in DEMO_METHODS:
       text = " ".join(tok.decode(last[m][agent]).split())
       lines.append(f"  [{agent} {m:10s}] {text[:150]}")
   return "\n".join(lines)

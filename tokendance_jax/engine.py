@@ -35,6 +35,7 @@ import numpy as np
 from tokendance_jax import collector, model, sampling, sharding
 from tokendance_jax.config import AttentionConfig, CacheConfig, ModelConfig
 from tokendance_jax.paging import BlockTable, OutOfPages, PageAllocator, pages_needed
+from tokendance_jax.progress import bar as progress_bar
 from tokendance_jax.sampling import SamplingParams
 
 
@@ -209,7 +210,8 @@ class Engine:
     if len(plist) != len(prompts):
       raise ValueError(f"{len(plist)} sampling params for {len(prompts)} prompts")
     ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist, strict=True)]
-    bar = _progress(sum(sp.max_tokens for sp in plist), progress)
+    bar = progress_bar(sum(sp.max_tokens for sp in plist), enabled=progress, unit="tok",
+                       desc="generate")
     while self.has_unfinished():
       before = self._generated_count()
       self.step()
@@ -432,9 +434,3 @@ def build_batch(chunks, decode: bool = False):
                       block_tables=tables[0], block_pos=tables[1], block_len=tables[2],
                       logits_index=logits_index)
   return batch, sampled_rows
-
-
-def _progress(total: int, enabled: bool):
-  from tqdm import tqdm
-
-  return tqdm(total=total, disable=not enabled, unit="tok", desc="generate", leave=False)

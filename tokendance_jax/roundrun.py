@@ -12,6 +12,7 @@ import dataclasses
 import time
 
 from tokendance_jax import workloads
+from tokendance_jax.progress import bar as progress_bar
 from tokendance_jax.rounds import AgentPrompt, ReusePolicy, Round, Segment
 from tokendance_jax.session import RoundSession
 
@@ -92,7 +93,7 @@ def run_rounds(params, cfg, tokenizer, rc: RoundRunConfig, *, cache_cfg, attn=No
                       attn=attn, quality=rc.quality, mesh=mesh)
   outputs: list[dict[int, list[int]]] = []
   rounds = []
-  bar = _progress(rc.rounds, progress, rc.method)
+  bar = progress_bar(rc.rounds, enabled=progress, unit="round", desc=rc.method, leave=True)
   start = time.perf_counter()
   try:
     for r in range(rc.rounds):
@@ -119,9 +120,3 @@ def round_private_share(rnd: Round) -> float:
   """Private tokens / all prompt tokens of a round."""
   private = sum(len(s) for p in rnd.prompts for s in p.segments if not s.shared)
   return private / max(sum(p.num_tokens for p in rnd.prompts), 1)
-
-
-def _progress(total: int, enabled: bool, desc: str):
-  from tqdm import tqdm
-
-  return tqdm(total=total, disable=not enabled, unit="round", desc=desc)

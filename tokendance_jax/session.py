@@ -32,6 +32,7 @@ from tokendance_jax.config import AttentionConfig, CacheConfig, ModelConfig
 from tokendance_jax.engine import Engine, bucket, build_batch
 from tokendance_jax.paging import BlockTable, OutOfPages, pages_needed
 from tokendance_jax.prefix_cache import PrefixCache
+from tokendance_jax.progress import bar as progress_bar
 from tokendance_jax.rounds import METHODS, REUSE_METHODS, ReusePolicy, Round, Segment, segment_key
 from tokendance_jax.sampling import SamplingParams
 
@@ -712,7 +713,8 @@ class RoundSession:
     made (the caller aborts them on failure)."""
     for i, (a, tok) in enumerate(zip(agents, first, strict=True)):
       seqs.append(self.engine.adopt(a.tokens, a.table, tok, self._sampling_for(i, a.max_tokens)))
-    bar = _progress(sum(a.max_tokens for a in agents), self.progress)
+    bar = progress_bar(sum(a.max_tokens for a in agents), enabled=self.progress, unit="tok",
+                       desc="decode")
     while self.engine.has_unfinished():
       before = sum(len(s.output) for s in seqs)
       self.engine.step()
@@ -818,9 +820,3 @@ def _token_stats(agents: list[AgentState], cfg: ModelConfig) -> dict:
           "computed_flops": float(sum(cfg.prefill_flops(r) for r in done)),
           "shared_tokens_per_agent": shared,
           "shared_recomputed_per_agent": shared_recomputed}
-
-
-def _progress(total: int, enabled: bool):
-  from tqdm import tqdm
-
-  return tqdm(total=total, disable=not enabled, unit="tok", desc="decode", leave=False)

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tokendance_jax.config import ModelConfig
+from tokendance_jax.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -239,16 +240,6 @@ def _parse_name(name: str, cfg: ModelConfig) -> tuple[str, int | None]:
   raise ValueError(f"unexpected GGUF tensor {name!r}; this loader knows tied-embedding Llama only")
 
 
-def _progress(items, enabled: bool, desc: str):
-  if not enabled:
-    return items
-  try:
-    from tqdm.auto import tqdm
-  except ImportError:  # tqdm is a dependency, but a bar is not worth crashing over
-    return items
-  return tqdm(items, desc=desc, unit="tensor", leave=False)
-
-
 def params_from_gguf(
     path: gguf.GGUFReader | str | os.PathLike | None = None,
     dtype="float32",
@@ -272,7 +263,8 @@ def params_from_gguf(
   shapes = param_shapes(cfg)
   out = {"layers": {k: np.empty(s, np_dtype) for k, s in shapes["layers"].items()}}
   seen: set[str] = set()
-  for tensor in _progress(reader.tensors, progress, "dequantizing GGUF"):
+  for tensor in progress_bar(items=reader.tensors, enabled=progress, unit="tensor",
+                            desc="dequantizing GGUF"):
     kind, layer = _parse_name(tensor.name, cfg)
     if tensor.name in seen:
       raise ValueError(f"GGUF tensor {tensor.name!r} appears twice")
