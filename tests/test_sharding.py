@@ -12,7 +12,8 @@ import sys
 
 import jax
 import pytest
-from jax.sharding import AbstractMesh, PartitionSpec as P
+from jax.sharding import AbstractMesh
+from jax.sharding import PartitionSpec as P
 
 from tokendance_jax import model, sharding
 from tokendance_jax.config import SMOLLM2_135M, TINY, CacheConfig
@@ -156,12 +157,13 @@ for mesh, attn in ((None, AttentionConfig(impl="reference")),  # the one-device 
   eng = engine.Engine(params, TINY, cache_cfg=pool, attn=attn, mesh=mesh)
   plan, logits = eng.mesh_plan, []
   for batch, decode in batches:
-    fwd = jax.jit(lambda p, c, b: model.forward(p, c, b, cfg=TINY, attn=attn, decode=decode),
+    fwd = jax.jit(lambda p, c, b: model.forward(p, c, b, cfg=TINY, attn=attn, decode=decode,
+                                                plan=plan),
                   out_shardings=plan and (plan.replicated, plan.cache_sharding(TINY, pool)))
     if plan is None:
       lg, eng.cache = fwd(eng.params, eng.cache, batch)
     else:
-      with sharding.activate(plan):
+      with jax.set_mesh(plan.mesh):
         lg, eng.cache = fwd(eng.params, eng.cache, eng.place(batch)[0])
     logits.append(np.asarray(lg))
   out.append((logits, np.asarray(eng.cache.k)))

@@ -44,10 +44,10 @@ def _gather_keys(k_layer, slots):
   return jnp.where((slots >= 0)[None, :, None], keys, 0).transpose(1, 0, 2).astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "attn", "check_layer"),
+@functools.partial(jax.jit, static_argnames=("cfg", "attn", "check_layer", "plan"),
                    donate_argnames=("scratch",))
 def check_deviation(params, scratch: model.KVCache, reused_k, batch: model.Batch, reuse_slots, *,
-                    cfg: ModelConfig, attn: AttentionConfig, check_layer: int):
+                    cfg: ModelConfig, attn: AttentionConfig, check_layer: int, plan=None):
   """Key deviation of every token at check_layer.
 
   Args:
@@ -66,7 +66,8 @@ def check_deviation(params, scratch: model.KVCache, reused_k, batch: model.Batch
   """
   n = check_layer + 1
   sub_cfg = dataclasses.replace(cfg, n_layers=n)
-  _, scratch = model.forward(_first_layers(params, n), scratch, batch, cfg=sub_cfg, attn=attn)
+  _, scratch = model.forward(_first_layers(params, n), scratch, batch, cfg=sub_cfg, attn=attn,
+                             plan=plan)
   fresh = _gather_keys(scratch.k[check_layer], batch.slot_mapping)
   reused = _gather_keys(reused_k, reuse_slots)
   dev = jnp.sum(jnp.square(fresh - reused), axis=(1, 2))

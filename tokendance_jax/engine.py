@@ -74,23 +74,25 @@ def bucket(n: int, minimum: int = 1) -> int:
   return 1 << (n - 1).bit_length()
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "attn", "decode"), donate_argnames=("cache",))
-def _model_step(params, cache, batch, samp, *, cfg, attn, decode):
-  logits, cache = model.forward(params, cache, batch, cfg=cfg, attn=attn, decode=decode)
+@functools.partial(jax.jit, static_argnames=("cfg", "attn", "decode", "plan"),
+                   donate_argnames=("cache",))
+def _model_step(params, cache, batch, samp, *, cfg, attn, decode, plan=None):
+  logits, cache = model.forward(params, cache, batch, cfg=cfg, attn=attn, decode=decode, plan=plan)
   return sampling.sample(logits, samp), cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "attn"), donate_argnames=("cache",))
-def _model_step_logits(params, cache, batch, samp, *, cfg, attn):
+@functools.partial(jax.jit, static_argnames=("cfg", "attn", "plan"), donate_argnames=("cache",))
+def _model_step_logits(params, cache, batch, samp, *, cfg, attn, plan=None):
   """A prefill step that also returns log-probabilities [rows, vocab] (for quality checks)."""
-  logits, cache = model.forward(params, cache, batch, cfg=cfg, attn=attn)
+  logits, cache = model.forward(params, cache, batch, cfg=cfg, attn=attn, plan=plan)
   return sampling.sample(logits, samp), jax.nn.log_softmax(logits, axis=-1), cache
 
 
 _JIT_KW = {
-    "_model_step": dict(static_argnames=("cfg", "attn", "decode"), donate_argnames=("cache",)),
-    "_model_step_logits": dict(static_argnames=("cfg", "attn"), donate_argnames=("cache",)),
-    "check_deviation": dict(static_argnames=("cfg", "attn", "check_layer"),
+    "_model_step": dict(static_argnames=("cfg", "attn", "decode", "plan"),
+                        donate_argnames=("cache",)),
+    "_model_step_logits": dict(static_argnames=("cfg", "attn", "plan"), donate_argnames=("cache",)),
+    "check_deviation": dict(static_argnames=("cfg", "attn", "check_layer", "plan"),
                             donate_argnames=("scratch",)),
 }
 

@@ -12,77 +12,20 @@ f ffn dim, v vocab, l layers.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from tokendance_jax import kernels, sharding
-from tokendance_jax.config import AttentionConfig, CacheConfig, ModelConfig
+from tokendance_jax.config import AttentionConfig, ModelConfig
+from tokendance_jax.kvcache import Batch, KVCache
+
+__all__ = ["Batch", "KVCache", "dense_forward", "forward", "forward_jit", "init_params"]
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class KVCache:
-  """Paged K/V for every layer; keys are stored un-rotated."""
 
-  k: jax.Array  # [l, kv_heads, num_pages, page_size, e]
-  v: jax.Array  # [l, kv_heads, num_pages, page_size, e]
-
-  @property
-  def num_pages(self) -> int:
-    return self.k.shape[2]
-
-  @property
-  def page_size(self) -> int:
-    return self.k.shape[3]
-
-  @classmethod
-  def create(cls, cfg: ModelConfig, cache_cfg: CacheConfig) -> KVCache:
-    shape = (cfg.n_layers, *kernels.kv_cache_shape(
-        cache_cfg.num_pages, cache_cfg.page_size, cfg.n_kv_heads, cfg.head_dim))
-    dtype = jnp.dtype(cache_cfg.dtype)
-    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Batch:
-  """A ragged batch of tokens from many sequences (padding has position -1).
-
-  Reads go through block_tables / block_pos / block_len (slot i of block j
-  of row s is position block_pos[s, j] + i when i < block_len[s, j]); writes
-  go to slot_mapping, so a segment can start on a fresh page while positions
-  stay contiguous.
-  """
-
-  tokens: jax.Array  # [t] int32
-  positions: jax.Array  # [t] int32 logical position, -1 for padding
-  seq_ids: jax.Array  # [t] int32 row of block_tables
-  slot_mapping: jax.Array  # [t] int32 page * page_size + slot to write; -1: write nothing
-  block_tables: jax.Array  # [s, pages_per_seq] int32
-  block_pos: jax.Array  # [s, pages_per_seq] int32
-  block_len: jax.Array  # [s, pages_per_seq] int32
-  logits_index: jax.Array  # [n] int32 flat tokens whose logits are returned
-
-  @classmethod
-  def contiguous(cls, *, tokens, positions, seq_ids, block_tables, logits_index, page_size: int):
-    """Host-side constructor for the default layout: block j holds positions j*page_size.."""
-    positions = np.asarray(positions, np.int32)
-    seq_ids = np.asarray(seq_ids, np.int32)
-    tables = np.asarray(block_tables, np.int32)
-    pos = np.maximum(positions, 0)
-    pages = tables[seq_ids, pos // page_size]
-    slots = np.where(positions >= 0, pages * page_size + pos % page_size, -1).astype(np.int32)
-    width = tables.shape[1]
-    block_pos = np.broadcast_to(np.arange(width, dtype=np.int32) * page_size, tables.shape)
-    return cls(tokens=np.asarray(tokens, np.int32), positions=positions, seq_ids=seq_ids,
-               slot_mapping=slots, block_tables=tables, block_pos=np.array(block_pos),
-               block_len=np.full(tables.shape, page_size, np.int32),
-               logits_index=np.asarray(logits_index, np.int32))
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> dict:
@@ -152,17 +95,16 @@ def attention_args(q, cache_k, cache_v, layer, batch: Batch, cfg: ModelConfig,
 
 
 def _attention(q, cache_k, cache_v, layer, batch: Batch, cfg: ModelConfig,
-               attn: AttentionConfig, decode: bool):
+               attn: AttentionConfig, decode: bool, plan: sharding.MeshPlan | None):
   """q: [t, h, e] un-rotated -> [t, h, e] via the paged kernels (or their references)."""
   fn = attention_fn(attn, decode)
   args, common = attention_args(q, cache_k, cache_v, layer, batch, cfg, attn, decode)
-  plan = sharding.active_plan()  # set while a step runs on a mesh
-  if plan is not None:
+  if plan is not None:  # on a mesh: attention per device
     return sharding.shard_attention(plan, fn, args, common, decode=decode)
   return fn(*args, **common)
 
 
-def _layer(x, lp, cache_k, cache_v, layer, batch, cfg, attn, decode):
+def _layer(x, lp, cache_k, cache_v, layer, batch, cfg, attn, decode, plan):
   """One decoder block: x [t, d] -> [t, d]; returns the updated cache too."""
   t = x.shape[0]
   with jax.named_scope("attention"):
@@ -171,7 +113,7 @@ def _layer(x, lp, cache_k, cache_v, layer, batch, cfg, attn, decode):
     k = (h @ lp["wk"]).reshape(t, cfg.n_kv_heads, cfg.head_dim)
     v = (h @ lp["wv"]).reshape(t, cfg.n_kv_heads, cfg.head_dim)
     cache_k, cache_v = _write_kv(cache_k, cache_v, layer, k, v, batch)
-    o = _attention(q, cache_k, cache_v, layer, batch, cfg, attn, decode)
+    o = _attention(q, cache_k, cache_v, layer, batch, cfg, attn, decode, plan)
     x = x + o.reshape(t, -1).astype(x.dtype) @ lp["wo"]
   with jax.named_scope("mlp"):
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_eps)
@@ -180,8 +122,9 @@ def _layer(x, lp, cache_k, cache_v, layer, batch, cfg, attn, decode):
 
 
 def forward(params: dict, cache: KVCache, batch: Batch, *, cfg: ModelConfig,
-            attn: AttentionConfig = AttentionConfig(), decode: bool = False):
-  """Run the model over a ragged batch.
+            attn: AttentionConfig = AttentionConfig(), decode: bool = False,
+            plan: sharding.MeshPlan | None = None):
+  """Run the model over a ragged batch (on `plan`'s mesh when given: see `sharding`).
 
   Returns (logits [n, vocab] float32 at batch.logits_index, updated cache).
   With decode=True each sequence contributes exactly one token, token i
@@ -192,7 +135,7 @@ def forward(params: dict, cache: KVCache, batch: Batch, *, cfg: ModelConfig,
   def body(carry, xs):
     x, ck, cv = carry
     lp, layer = xs
-    x, ck, cv = _layer(x, lp, ck, cv, layer, batch, cfg, attn, decode)
+    x, ck, cv = _layer(x, lp, ck, cv, layer, batch, cfg, attn, decode, plan)
     return (x, ck, cv), None
 
   xs = (params["layers"], jnp.arange(cfg.n_layers, dtype=jnp.int32))
@@ -203,7 +146,8 @@ def forward(params: dict, cache: KVCache, batch: Batch, *, cfg: ModelConfig,
   return logits, KVCache(k=ck, v=cv)
 
 
-forward_jit = jax.jit(forward, static_argnames=("cfg", "attn", "decode"), donate_argnames=("cache",))
+forward_jit = jax.jit(forward, static_argnames=("cfg", "attn", "decode", "plan"),
+                      donate_argnames=("cache",))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

@@ -24,8 +24,6 @@ in its own sharding, donated in place). Placement goes through
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import functools
 import math
@@ -33,9 +31,11 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from tokendance_jax.config import CacheConfig, ModelConfig
+from tokendance_jax.kvcache import KVCache
 
 MESH_AXES = ("data", "model")
 
@@ -194,14 +194,12 @@ class MeshPlan:
     return jax.tree.map(place, params, self.param_shardings(params, cfg))
 
   def create_cache(self, cfg: ModelConfig, cache_cfg: CacheConfig):
-    """A zeroed `model.KVCache` created directly in its sharding (no host copy)."""
-    from tokendance_jax import model
-
+    """A zeroed `KVCache` created directly in its sharding (no host copy)."""
     shape = (cfg.n_layers, cfg.n_kv_heads, cache_cfg.num_pages, cache_cfg.page_size,
              cfg.head_dim)
     s = self.cache_sharding(cfg, cache_cfg)
     zeros = jax.jit(lambda: jnp.zeros(shape, cache_cfg.dtype), out_shardings=s)
-    return model.KVCache(k=zeros(), v=zeros())
+    return KVCache(k=zeros(), v=zeros())
 
   # -- batches ------------------------------------------------------------------
 
@@ -267,35 +265,18 @@ def _logical_sizes(cfg: ModelConfig) -> dict[str, int]:
           "vocab": cfg.vocab_size, "embed": cfg.d_model, "layers": cfg.n_layers}
 
 
-_ACTIVE: contextvars.ContextVar[MeshPlan | None] = contextvars.ContextVar("plan", default=None)
-
-
-def active_plan() -> MeshPlan | None:
-  """The plan whose step is being traced (None outside a planned step)."""
-  return _ACTIVE.get()
-
-
-@contextlib.contextmanager
-def activate(plan: MeshPlan):
-  token = _ACTIVE.set(plan)
-  try:
-    with jax.set_mesh(plan.mesh):  # the mesh is part of jit's cache key
-      yield
-  finally:
-    _ACTIVE.reset(token)
-
-
 @functools.cache
 def jit_step(fn, plan: MeshPlan, out_shardings, **jit_kw):
-  """`fn` jit-compiled for `plan`: pinned output shardings, traced and run with the plan
-  active (so attention runs per device, see `shard_attention`); cached per plan."""
+  """`fn` jit-compiled for `plan`: pinned output shardings, called with `plan=plan` (a static
+  argument of `fn`, so attention runs per device, see `shard_attention`) under the plan's
+  mesh; cached per plan."""
   own = functools.wraps(fn)(lambda *a, **k: fn(*a, **k))  # a trace cache of its own
   compiled = jax.jit(own, out_shardings=out_shardings, **jit_kw)
 
   @functools.wraps(fn)
   def run(*args, **kwargs):
-    with activate(plan):
-      return compiled(*args, **kwargs)
+    with jax.set_mesh(plan.mesh):  # the mesh is part of jit's cache key
+      return compiled(*args, plan=plan, **kwargs)
 
   return run
 
