@@ -4,7 +4,7 @@ Installed as `tokendance_jax.kernels`. Kernels never import the package.
 """
 
 from . import lowering, tuning
-from ._body import DEFAULT_MASK_VALUE, BlockSizes
+from .attention_body import DEFAULT_MASK_VALUE, BlockSizes
 from .paged_decode_attention import (
     combine_splits,
     kv_cache_shape,

@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from . import _body, lowering
-from ._body import DEFAULT_MASK_VALUE, BlockSizes
+from . import attention_body, lowering
+from .attention_body import DEFAULT_MASK_VALUE, BlockSizes
 from .rope import inv_freq as _inv_freq
 
 
@@ -88,7 +88,7 @@ def _ragged_kernel(
     mask_value: float,
 ):
   # One share of the steps up to the tile's last query (causal); an empty tile visits none.
-  o, _, total = _body.attend_split(
+  o, _, total = attention_body.attend_split(
       q_ref, q_pos_ref, layer_ref, k_pages_ref, v_pages_ref, block_table_ref, block_pos_ref,
       block_len_ref, cos_ref, sin_ref, 0, num_splits=1, pages_per_block=pages_per_block,
       mask_value=mask_value)
@@ -96,7 +96,7 @@ def _ragged_kernel(
 
 
 def _check_args(q, k_pages, v_pages, block_tables, q_positions, q_seq_ids):
-  _body.check_query(q, k_pages, v_pages, "tokens")
+  attention_body.check_query(q, k_pages, v_pages, "tokens")
   if q_positions.shape != q.shape[:1] or q_seq_ids.shape != q.shape[:1]:
     raise ValueError(f"q_positions {q_positions.shape} and q_seq_ids {q_seq_ids.shape} must be "
                      f"[{q.shape[0]}]")
@@ -153,15 +153,15 @@ def ragged_paged_attention(
     keys at positions <= its own, which must already be written.
   """
   _check_args(q, k_pages, v_pages, block_tables, q_positions, q_seq_ids)
-  pool_k, pool_v, layer_idx = _body.layered(k_pages, v_pages, layer)
+  pool_k, pool_v, layer_idx = attention_body.layered(k_pages, v_pages, layer)
   layers, kv_heads, _, page_size, d = pool_k.shape
   t, n_heads, _ = q.shape
   group = n_heads // kv_heads
   num_seqs = block_tables.shape[0]
   block_q = tile_tokens(block_sizes.block_q, t, num_seqs)
   used = block_q * group
-  rows = max(block_sizes.min_rows, _body.next_pow2(used))
-  ppb = _body.pages_per_step(block_sizes, page_size)
+  rows = max(block_sizes.min_rows, attention_body.next_pow2(used))
+  ppb = attention_body.pages_per_step(block_sizes, page_size)
   lowering.check_compiled_shapes(head_dim=d, block_k=ppb * page_size, dtype=pool_k.dtype,
                                  interpret=interpret)
   sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
@@ -169,7 +169,7 @@ def ragged_paged_attention(
   token_index, tile_seq = tile_plan(q_seq_ids, q_positions, num_seqs, block_q)
   n_tiles = token_index.shape[0]
   pos = jnp.concatenate([q_positions.astype(jnp.int32), jnp.full((1,), -1, jnp.int32)])
-  q_rot = _body.rotate_queries(q, q_positions[:, None], rope_theta, sm_scale, pool_k.dtype)
+  q_rot = attention_body.rotate_queries(q, q_positions[:, None], rope_theta, sm_scale, pool_k.dtype)
   q_rot = jnp.pad(q_rot, ((0, 1), (0, 0), (0, 0)))  # token t: the padding query
   # [n_tiles, block_q, n_heads, d] -> [n_tiles, kv_heads, rows, d], row = token * group + head
   q_tiles = q_rot[token_index].reshape(n_tiles, block_q, kv_heads, group, d)
@@ -177,10 +177,10 @@ def ragged_paged_attention(
   q_tiles = jnp.pad(q_tiles, ((0, 0), (0, 0), (0, rows - used), (0, 0)))
   pos_tiles = jnp.pad(jnp.repeat(pos[token_index], group, axis=1), ((0, 0), (0, rows - used)),
                       constant_values=-1)  # [n_tiles, rows]
-  tables, starts, lens = _body.block_layout(block_tables, block_pos, block_len, page_size, ppb)
+  tables, starts, lens = attention_body.block_layout(block_tables, block_pos, block_len, page_size, ppb)
   tables, starts, lens = tables[tile_seq], starts[tile_seq], lens[tile_seq]
   width = tables.shape[1]
-  cos, sin = _body.rope_tables(d, rope_theta, max_position, block_tables.shape[1], page_size)
+  cos, sin = attention_body.rope_tables(d, rope_theta, max_position, block_tables.shape[1], page_size)
 
   kernel = functools.partial(_ragged_kernel, pages_per_block=ppb, mask_value=mask_value)
   pool_spec = pl.BlockSpec((layers, None, *pool_k.shape[2:]), lambda i, h: (0, h, 0, 0, 0))
@@ -242,7 +242,7 @@ def ragged_paged_attention_reference(
     pos, qg = g.tile_queries(idx)
     k, v = g.k_seq[:, seq], g.v_seq[:, seq]  # [kv_heads, ctx, d]
     mask = g.k_ok[seq][None, :] & (g.k_pos[seq][None, :] <= pos[:, None])  # [block_q, ctx]
-    attend = functools.partial(_body.softmax_attend_reference, mask=mask, sm_scale=g.sm_scale,
+    attend = functools.partial(attention_body.softmax_attend_reference, mask=mask, sm_scale=g.sm_scale,
                                mask_value=mask_value)
     return jax.vmap(jax.vmap(attend, (0, None, None)))(qg, k, v)  # [kv_heads, group, block_q, d]
 
@@ -338,7 +338,7 @@ class _Gathered:
   def tile_queries(self, idx):
     """Tile rows -> (positions [block_q], rotated queries [kv_heads, group, block_q, d])."""
     pos = self.pos_pad[idx]
-    qr = _body.rope_reference(self.q_pad[idx], pos[:, None], self.freqs)  # [block_q, h, d]
+    qr = attention_body.rope_reference(self.q_pad[idx], pos[:, None], self.freqs)  # [block_q, h, d]
     d = qr.shape[-1]
     return pos, qr.reshape(-1, self.kv_heads, self.group, d).transpose(1, 2, 0, 3)
 
@@ -354,19 +354,19 @@ class _Gathered:
 def _gather_sequences(q, k_pages, v_pages, block_tables, q_positions, q_seq_ids, block_pos,
                       block_len, layer, rope_theta, sm_scale, block_q):
   _check_args(q, k_pages, v_pages, block_tables, q_positions, q_seq_ids)
-  pool_k, pool_v, layer_idx = _body.layered(k_pages, v_pages, layer)
+  pool_k, pool_v, layer_idx = attention_body.layered(k_pages, v_pages, layer)
   k_pages, v_pages = pool_k[layer_idx[0]], pool_v[layer_idx[0]]
   t, n_heads, d = q.shape
   kv_heads, _, page_size, _ = k_pages.shape
   freqs = jnp.asarray(_inv_freq(d, rope_theta))
   token_index, tile_seq = tile_plan(q_seq_ids, q_positions, block_tables.shape[0], block_q)
-  tables, starts, lens = _body.block_layout(block_tables, block_pos, block_len, page_size, 1)
+  tables, starts, lens = attention_body.block_layout(block_tables, block_pos, block_len, page_size, 1)
   ctx = tables.shape[1] * page_size
   num_seqs = tables.shape[0]
   # Every sequence's keys gathered and rotated once, then shared by its tiles.
-  k_pos, k_ok = jax.vmap(_body.key_positions_reference, (0, 0, None))(starts, lens, page_size)
+  k_pos, k_ok = jax.vmap(attention_body.key_positions_reference, (0, 0, None))(starts, lens, page_size)
   k_seq = k_pages[:, tables].reshape(kv_heads, num_seqs, ctx, d)
-  k_seq = _body.rope_reference(k_seq, k_pos[None], freqs).astype(k_pages.dtype)
+  k_seq = attention_body.rope_reference(k_seq, k_pos[None], freqs).astype(k_pages.dtype)
   v_seq = v_pages[:, tables].reshape(kv_heads, num_seqs, ctx, d)
   return _Gathered(
       t=t, kv_heads=kv_heads, group=n_heads // kv_heads, freqs=freqs,

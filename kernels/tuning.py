@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ._body import BlockSizes
+from .attention_body import BlockSizes
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
