@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from . import attention_body, lowering
+from . import attention_body as body
+from . import lowering
 from .attention_body import DEFAULT_MASK_VALUE, BlockSizes
 from .rope import inv_freq as _inv_freq
 
@@ -61,7 +62,7 @@ def _decode_kernel(
     pages_per_block: int,
     mask_value: float,
 ):
-  o, m, total = attention_body.attend_split(
+  o, m, total = body.attend_split(
       q_ref, q_pos_ref, layer_ref, k_pages_ref, v_pages_ref, block_table_ref, block_pos_ref,
       block_len_ref, cos_ref, sin_ref, pl.program_id(2), num_splits=num_splits,
       pages_per_block=pages_per_block, mask_value=mask_value)
@@ -85,7 +86,7 @@ def combine_splits(o, m, total):
 
 
 def _check_args(q, k_pages, v_pages, block_tables, positions):
-  attention_body.check_query(q, k_pages, v_pages, "batch")
+  body.check_query(q, k_pages, v_pages, "batch")
   if block_tables.shape[:1] != q.shape[:1] or block_tables.ndim != 2:
     raise ValueError(f"block_tables {block_tables.shape} must be [{q.shape[0]}, pages_per_seq]")
   if positions.shape != q.shape[:1]:
@@ -140,25 +141,25 @@ def paged_decode_attention(
     [batch, n_heads, d].
   """
   _check_args(q, k_pages, v_pages, block_tables, positions)
-  pool_k, pool_v, layer_idx = attention_body.layered(k_pages, v_pages, layer)
+  pool_k, pool_v, layer_idx = body.layered(k_pages, v_pages, layer)
   layers, kv_heads, _, page_size, d = pool_k.shape
   batch, n_heads, _ = q.shape
   group = n_heads // kv_heads
-  rows = max(block_sizes.min_rows, attention_body.next_pow2(group))
-  ppb = attention_body.pages_per_step(block_sizes, page_size)
+  rows = max(block_sizes.min_rows, body.next_pow2(group))
+  ppb = body.pages_per_step(block_sizes, page_size)
   lowering.check_compiled_shapes(head_dim=d, block_k=ppb * page_size, dtype=pool_k.dtype,
                                  interpret=interpret)
   sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
 
   pos = positions.astype(jnp.int32)
-  q_rot = attention_body.rotate_queries(q, pos[:, None], rope_theta, sm_scale, pool_k.dtype)
+  q_rot = body.rotate_queries(q, pos[:, None], rope_theta, sm_scale, pool_k.dtype)
   q_g = jnp.pad(q_rot.reshape(batch, kv_heads, group, d),
                 ((0, 0), (0, 0), (0, rows - group), (0, 0)))  # [batch, kv_heads, rows, d]
   pos_rows = jnp.broadcast_to(pos[:, None], (batch, rows))
-  tables, starts, lens = attention_body.block_layout(block_tables, block_pos, block_len, page_size, ppb)
+  tables, starts, lens = body.block_layout(block_tables, block_pos, block_len, page_size, ppb)
   width = tables.shape[1]
   splits = split_count(block_sizes, batch * kv_heads, width // ppb)
-  cos, sin = attention_body.rope_tables(d, rope_theta, max_position, block_tables.shape[1], page_size)
+  cos, sin = body.rope_tables(d, rope_theta, max_position, block_tables.shape[1], page_size)
 
   kernel = functools.partial(_decode_kernel, num_splits=splits, pages_per_block=ppb,
                              mask_value=mask_value)
@@ -213,24 +214,24 @@ def paged_decode_attention_reference(
   """Plain-jnp decode attention, same signature (tuning args ignored)."""
   del block_sizes, interpret, max_position
   _check_args(q, k_pages, v_pages, block_tables, positions)
-  pool_k, pool_v, layer_idx = attention_body.layered(k_pages, v_pages, layer)
+  pool_k, pool_v, layer_idx = body.layered(k_pages, v_pages, layer)
   k_pages, v_pages = pool_k[layer_idx[0]], pool_v[layer_idx[0]]
   batch, n_heads, d = q.shape
   kv_heads, _, page_size, _ = k_pages.shape
   group = n_heads // kv_heads
   sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
   freqs = jnp.asarray(_inv_freq(d, rope_theta))
-  tables, starts, lens = attention_body.block_layout(block_tables, block_pos, block_len, page_size, 1)
+  tables, starts, lens = body.block_layout(block_tables, block_pos, block_len, page_size, 1)
   ctx = tables.shape[1] * page_size
 
   def one_seq(q_b, table, start, length, pos):
-    k_pos, k_ok = attention_body.key_positions_reference(start, length, page_size)  # [ctx]
+    k_pos, k_ok = body.key_positions_reference(start, length, page_size)  # [ctx]
     k = k_pages[:, table].reshape(kv_heads, ctx, d)
     v = v_pages[:, table].reshape(kv_heads, ctx, d)
-    k = attention_body.rope_reference(k, k_pos[None, :], freqs)  # [kv_heads, ctx, d]
-    qr = attention_body.rope_reference(q_b, pos, freqs).reshape(kv_heads, group, d)
+    k = body.rope_reference(k, k_pos[None, :], freqs)  # [kv_heads, ctx, d]
+    qr = body.rope_reference(q_b, pos, freqs).reshape(kv_heads, group, d)
     mask = jnp.broadcast_to(k_ok & (k_pos <= pos), (group, ctx))
-    attend = functools.partial(attention_body.softmax_attend_reference, mask=mask, sm_scale=sm_scale,
+    attend = functools.partial(body.softmax_attend_reference, mask=mask, sm_scale=sm_scale,
                                mask_value=mask_value)
     return jax.vmap(attend)(qr, k, v).reshape(n_heads, d)
 

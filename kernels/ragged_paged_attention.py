@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from . import attention_body, lowering
+from . import attention_body as body
+from . import lowering
 from .attention_body import DEFAULT_MASK_VALUE, BlockSizes
 from .rope import inv_freq as _inv_freq
 
@@ -88,7 +89,7 @@ def _ragged_kernel(
     mask_value: float,
 ):
   # One share of the steps up to the tile's last query (causal); an empty tile visits none.
-  o, _, total = attention_body.attend_split(
+  o, _, total = body.attend_split(
       q_ref, q_pos_ref, layer_ref, k_pages_ref, v_pages_ref, block_table_ref, block_pos_ref,
       block_len_ref, cos_ref, sin_ref, 0, num_splits=1, pages_per_block=pages_per_block,
       mask_value=mask_value)
@@ -96,7 +97,7 @@ def _ragged_kernel(
 
 
 def _check_args(q, k_pages, v_pages, block_tables, q_positions, q_seq_ids):
-  attention_body.check_query(q, k_pages, v_pages, "tokens")
+  body.check_query(q, k_pages, v_pages, "tokens")
   if q_positions.shape != q.shape[:1] or q_seq_ids.shape != q.shape[:1]:
     raise ValueError(f"q_positions {q_positions.shape} and q_seq_ids {q_seq_ids.shape} must be "
                      f"[{q.shape[0]}]")
@@ -153,15 +154,15 @@ def ragged_paged_attention(
     keys at positions <= its own, which must already be written.
   """
   _check_args(q, k_pages, v_pages, block_tables, q_positions, q_seq_ids)
-  pool_k, pool_v, layer_idx = attention_body.layered(k_pages, v_pages, layer)
+  pool_k, pool_v, layer_idx = body.layered(k_pages, v_pages, layer)
   layers, kv_heads, _, page_size, d = pool_k.shape
   t, n_heads, _ = q.shape
   group = n_heads // kv_heads
   num_seqs = block_tables.shape[0]
   block_q = tile_tokens(block_sizes.block_q, t, num_seqs)
   used = block_q * group
-  rows = max(block_sizes.min_rows, attention_body.next_pow2(used))
-  ppb = attention_body.pages_per_step(block_sizes, page_size)
+  rows = max(block_sizes.min_rows, body.next_pow2(used))
+  ppb = body.pages_per_step(block_sizes, page_size)
   lowering.check_compiled_shapes(head_dim=d, block_k=ppb * page_size, dtype=pool_k.dtype,
                                  interpret=interpret)
   sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
@@ -169,7 +170,7 @@ def ragged_paged_attention(
   token_index, tile_seq = tile_plan(q_seq_ids, q_positions, num_seqs, block_q)
   n_tiles = token_index.shape[0]
   pos = jnp.concatenate([q_positions.astype(jnp.int32), jnp.full((1,), -1, jnp.int32)])
-  q_rot = attention_body.rotate_queries(q, q_positions[:, None], rope_theta, sm_scale, pool_k.dtype)
+  q_rot = body.rotate_queries(q, q_positions[:, None], rope_theta, sm_scale, pool_k.dtype)
   q_rot = jnp.pad(q_rot, ((0, 1), (0, 0), (0, 0)))  # token t: the padding query
   # [n_tiles, block_q, n_heads, d] -> [n_tiles, kv_heads, rows, d], row = token * group + head
   q_tiles = q_rot[token_index].reshape(n_tiles, block_q, kv_heads, group, d)
@@ -177,10 +178,10 @@ def ragged_paged_attention(
   q_tiles = jnp.pad(q_tiles, ((0, 0), (0, 0), (0, rows - used), (0, 0)))
   pos_tiles = jnp.pad(jnp.repeat(pos[token_index], group, axis=1), ((0, 0), (0, rows - used)),
                       constant_values=-1)  # [n_tiles, rows]
-  tables, starts, lens = attention_body.block_layout(block_tables, block_pos, block_len, page_size, ppb)
+  tables, starts, lens = body.block_layout(block_tables, block_pos, block_len, page_size, ppb)
   tables, starts, lens = tables[tile_seq], starts[tile_seq], lens[tile_seq]
   width = tables.shape[1]
-  cos, sin = attention_body.rope_tables(d, rope_theta, max_position, block_tables.shape[1], page_size)
+  cos, sin = body.rope_tables(d, rope_theta, max_position, block_tables.shape[1], page_size)
 
   kernel = functools.partial(_ragged_kernel, pages_per_block=ppb, mask_value=mask_value)
   pool_spec = pl.BlockSpec((layers, None, *pool_k.shape[2:]), lambda i, h: (0, h, 0, 0, 0))
@@ -242,7 +243,7 @@ def ragged_paged_attention_reference(
     pos, qg = g.tile_queries(idx)
     k, v = g.k_seq[:, seq], g.v_seq[:, seq]  # [kv_heads, ctx, d]
     mask = g.k_ok[seq][None, :] & (g.k_pos[seq][None, :] <= pos[:, None])  # [block_q, ctx]
-    attend = functools.partial(attention_body.softmax_attend_reference, mask=mask, sm_scale=g.sm_scale,
+    attend = functools.partial(body.softmax_attend_reference, mask=mask, sm_scale=g.sm_scale,
                                mask_value=mask_value)
     return jax.vmap(jax.vmap(attend, (0, None, None)))(qg, k, v)  # [kv_heads, group, block_q, d]
 
@@ -300,7 +301,7 @@ def ragged_paged_attention_chunked(
     n_blocks = (jnp.max(jnp.where(visible, key_index, -1)) + block_k) // block_k
     ks, vs, kps, oks = k_seq[:, seq], v_seq[:, seq], k_pos[seq], k_ok[seq]
 
-    def body(j, carry):
+    def step(j, carry):
       m, l, acc = carry
       kb = jax.lax.dynamic_slice_in_dim(ks, j * block_k, block_k, axis=1)
       vb = jax.lax.dynamic_slice_in_dim(vs, j * block_k, block_k, axis=1)
@@ -322,7 +323,7 @@ def ragged_paged_attention_chunked(
     shape = (kv_heads, group * bq)
     init = (jnp.full(shape, mask_value, jnp.float32), jnp.zeros(shape, jnp.float32),
             jnp.zeros((*shape, d), jnp.float32))
-    _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+    _, l, acc = jax.lax.fori_loop(0, n_blocks, step, init)
     out = acc / jnp.where(l == 0.0, 1.0, l)[..., None]
     return out.reshape(kv_heads, group, bq, d)
 
@@ -338,7 +339,7 @@ class _Gathered:
   def tile_queries(self, idx):
     """Tile rows -> (positions [block_q], rotated queries [kv_heads, group, block_q, d])."""
     pos = self.pos_pad[idx]
-    qr = attention_body.rope_reference(self.q_pad[idx], pos[:, None], self.freqs)  # [block_q, h, d]
+    qr = body.rope_reference(self.q_pad[idx], pos[:, None], self.freqs)  # [block_q, h, d]
     d = qr.shape[-1]
     return pos, qr.reshape(-1, self.kv_heads, self.group, d).transpose(1, 2, 0, 3)
 
@@ -354,19 +355,19 @@ class _Gathered:
 def _gather_sequences(q, k_pages, v_pages, block_tables, q_positions, q_seq_ids, block_pos,
                       block_len, layer, rope_theta, sm_scale, block_q):
   _check_args(q, k_pages, v_pages, block_tables, q_positions, q_seq_ids)
-  pool_k, pool_v, layer_idx = attention_body.layered(k_pages, v_pages, layer)
+  pool_k, pool_v, layer_idx = body.layered(k_pages, v_pages, layer)
   k_pages, v_pages = pool_k[layer_idx[0]], pool_v[layer_idx[0]]
   t, n_heads, d = q.shape
   kv_heads, _, page_size, _ = k_pages.shape
   freqs = jnp.asarray(_inv_freq(d, rope_theta))
   token_index, tile_seq = tile_plan(q_seq_ids, q_positions, block_tables.shape[0], block_q)
-  tables, starts, lens = attention_body.block_layout(block_tables, block_pos, block_len, page_size, 1)
+  tables, starts, lens = body.block_layout(block_tables, block_pos, block_len, page_size, 1)
   ctx = tables.shape[1] * page_size
   num_seqs = tables.shape[0]
   # Every sequence's keys gathered and rotated once, then shared by its tiles.
-  k_pos, k_ok = jax.vmap(attention_body.key_positions_reference, (0, 0, None))(starts, lens, page_size)
+  k_pos, k_ok = jax.vmap(body.key_positions_reference, (0, 0, None))(starts, lens, page_size)
   k_seq = k_pages[:, tables].reshape(kv_heads, num_seqs, ctx, d)
-  k_seq = attention_body.rope_reference(k_seq, k_pos[None], freqs).astype(k_pages.dtype)
+  k_seq = body.rope_reference(k_seq, k_pos[None], freqs).astype(k_pages.dtype)
   v_seq = v_pages[:, tables].reshape(kv_heads, num_seqs, ctx, d)
   return _Gathered(
       t=t, kv_heads=kv_heads, group=n_heads // kv_heads, freqs=freqs,
