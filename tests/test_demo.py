@@ -48,7 +48,7 @@ def test_the_report_says_where_tokendance_loses():
 
 
 def test_the_demo_runs_prefix_then_tokendance_on_the_defaults():
-  assert demo.METHODS == ("prefix", "tokendance")
+  assert demo.DEMO_METHODS == ("prefix", "tokendance")
   args = cli.build_parser().parse_args(["demo"])
   bc = demo.demo_config(args)
   assert (bc.preset, bc.agents, bc.rounds) == ("agent_society", [16], 2)
