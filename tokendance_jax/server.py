@@ -389,8 +389,8 @@ class Worker:
     if self._active:
       await self._step(loop)
 
-  async def _fail_active(self, loop, message: str) -> None:
-    """Abort every active completion and answer it with a 500 carrying `message`."""
+  async def _fail_active(self, loop, message: str, status: int = 500) -> None:
+    """Abort every active completion and answer it with `status` carrying `message`."""
     self.last_error = message
     active = list(self._active)
     try:
@@ -398,7 +398,7 @@ class Worker:
     except Exception:  # noqa: BLE001 - the engine may be broken; still answer the clients
       log.exception("aborting the active sequences failed")
     for c in active:
-      self._finish_event(c, "error", error=message, status=500)
+      self._finish_event(c, "error", error=message, status=status)
 
   async def _run_call(self, loop, job: _Call) -> None:
     try:
@@ -433,7 +433,8 @@ class Worker:
       raise
     except Exception as e:  # noqa: BLE001 - fail the batch, keep serving
       log.exception("engine step failed")
-      await self._fail_active(loop, f"engine step failed: {type(e).__name__}: {e}")
+      await self._fail_active(loop, f"engine step failed: {type(e).__name__}: {e}",
+                              503 if isinstance(e, OutOfPages) else 500)  # 503: retry later
       return
     ending = []  # (completion, (reason, completion_tokens)): to abort before answering
     for c in list(self._active):
@@ -763,11 +764,30 @@ def _install_error_handlers(app: FastAPI) -> None:
     code = "not_found" if exc.status_code == 404 else None
     return ApiError(exc.status_code, str(exc.detail), code=code).response()
 
-  @app.exception_handler(Exception)
-  async def unexpected(request, exc: Exception):
-    log.exception("unhandled error")
-    return ApiError(500, f"internal error: {type(exc).__name__}: {exc}",
-                    type="server_error").response()
+  app.add_middleware(_answer_unexpected)
+
+
+def _answer_unexpected(app):
+  """ASGI middleware: an unexpected error is answered with a 500 in the OpenAI shape here
+  (Starlette's handler for Exception answers, then re-raises to uvicorn, which closes the
+  client's keep-alive connection: its next request would fail)."""
+
+  async def middleware(scope, receive, send):
+    started = set()
+
+    async def watch(message):
+      started.add(message["type"])
+      await send(message)
+
+    try:
+      await app(scope, receive, watch)
+    except Exception as exc:  # noqa: BLE001 - answered; mid-response, the server must close
+      if started or scope["type"] != "http":
+        raise
+      log.exception("unhandled error")
+      await ApiError(500, f"internal error: {type(exc).__name__}: {exc}",
+                     type="server_error").response()(scope, receive, send)
+  return middleware
 
 
 def _auth_dependency(api_key: str | None):
@@ -1005,7 +1025,8 @@ async def _generate(worker: Worker, body: _Generation, prompt: list[int], *, cha
     worker.cancel(c)
   if info["error"]:
     worker.metrics.requests[(endpoint, "error")] += 1
-    raise ApiError(info["status"], info["error"],
+    busy = {"code": "out_of_pages", "headers": {"Retry-After": str(worker.config.retry_after_s)}}
+    raise ApiError(info["status"], info["error"], **(busy if info["status"] == 503 else {}),
                    type="invalid_request_error" if info["status"] < 500 else "server_error")
   worker.metrics.requests[(endpoint, "ok")] += 1
   return _full_response(meta, chat, text, info)
@@ -1068,7 +1089,7 @@ async def _stream(worker: Worker, c: _Completion, meta: dict, chat: bool, usage:
       if value["error"]:
         worker.metrics.requests[(endpoint, "error")] += 1
         yield _sse({"error": {"message": value["error"], "type": "server_error", "param": None,
-                              "code": None}})
+                              "code": "out_of_pages" if value["status"] == 503 else None}})
       else:
         worker.metrics.requests[(endpoint, "ok")] += 1
         reason = "length" if value["finish_reason"] == "length" else "stop"
