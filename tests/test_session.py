@@ -110,7 +110,7 @@ def test_mirror_is_lossless(params):
   rnd = wl.round(1, prev)
   stats = session.new_stats()
   sess._prefill_masters(rnd, stats)  # the masters of round 0's outputs
-  agents = sess._layout_all(rnd)
+  agents = sess._layout_all(rnd.prompts)
   sess._prefill(agents, stats)
   assert any(a.mirror_blocks for a in agents)
   assert any(set(a.table.pages) & {p for m in sess.masters.masters.values() for p in m.pages}
