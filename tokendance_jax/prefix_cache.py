@@ -32,17 +32,23 @@ class PrefixCache:
     self.misses = 0
     allocator.reclaim = self.evict
 
-  def match(self, blocks: list[tuple[int, ...]]) -> list[int]:
-    """Pages of the longest cached prefix of `blocks` (token tuples); takes a reference on each."""
-    pages, parent = [], ""
+  def _hit_chain(self, blocks: list[tuple[int, ...]]) -> list[tuple[str, int]]:
+    """(key, page) of each block of the longest cached prefix of `blocks`."""
+    hits, parent = [], ""
     for tokens in blocks:
-      key = chain_key(parent, tokens)
-      page = self.entries.get(key)
+      parent = chain_key(parent, tokens)
+      page = self.entries.get(parent)
       if page is None:
         break
+      hits.append((parent, page))
+    return hits
+
+  def match(self, blocks: list[tuple[int, ...]]) -> list[int]:
+    """Pages of the longest cached prefix of `blocks` (token tuples); takes a reference on each."""
+    hits = self._hit_chain(blocks)
+    for key, _ in hits:
       self.entries.move_to_end(key)
-      pages.append(page)
-      parent = key
+    pages = [page for _, page in hits]
     self.allocator.share(pages)
     self.hits += len(pages)
     self.misses += len(blocks) - len(pages)
@@ -51,14 +57,7 @@ class PrefixCache:
   def peek(self, blocks: list[tuple[int, ...]]) -> list[int]:
     """Pages of the longest cached prefix of `blocks`, without taking references, counting
     hits or touching the LRU order (for admission estimates)."""
-    pages, parent = [], ""
-    for tokens in blocks:
-      parent = chain_key(parent, tokens)
-      page = self.entries.get(parent)
-      if page is None:
-        break
-      pages.append(page)
-    return pages
+    return [page for _, page in self._hit_chain(blocks)]
 
   def insert(self, blocks: list[tuple[int, ...]], pages: list[int]) -> None:
     """Cache each (block tokens, page) along the chain; the cache takes its own reference."""
