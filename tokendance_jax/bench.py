@@ -623,9 +623,9 @@ def _dense_fn():
 
 def dense_next_token_quality(model, prompts: dict, outputs: dict, logprobs: dict) -> dict:
   """Next-token top-1 and KL at every prompt's end against the dense full recompute
-  (`session.next_token_quality`), from the method's log-probs there. The dense pass runs
+  (`eval.quality.next_token_quality`), from the method's log-probs there. The dense pass runs
   over prompt + output (the same sequence `forced_top1` scores, so the memo serves both)."""
-  from tokendance_jax.session import next_token_quality
+  from tokendance_jax.eval.quality import next_token_quality
 
   params, cfg, _ = model
   ref, got = [], []

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tokendance_jax import admission, collector, diffstore, masters, model, sharding
+from tokendance_jax.eval.quality import next_token_quality
 from tokendance_jax.config import AttentionConfig, CacheConfig, ModelConfig
 from tokendance_jax.engine import Engine, bucket, build_batch
 from tokendance_jax.paging import BlockTable, OutOfPages, pages_needed
@@ -37,7 +38,7 @@ from tokendance_jax.rounds import METHODS, REUSE_METHODS, ReusePolicy, Round, Se
 from tokendance_jax.sampling import SamplingParams
 
 __all__ = ["METHODS", "REUSE_METHODS", "AgentState", "RoundResult", "RoundSession",
-           "new_stats", "next_token_quality"]
+           "new_stats"]
 
 
 @dataclasses.dataclass
@@ -781,15 +782,6 @@ class RoundSession:
       for t in tables:
         t.release(self.allocator)
     return next_token_quality(ref, logprobs)
-
-
-def next_token_quality(ref_logp, logp) -> dict:
-  """Top-1 agreement and mean KL(ref || method) of next-token distributions [n, vocab]."""
-  ref_logp, logp = np.asarray(ref_logp, np.float64), np.asarray(logp, np.float64)
-  kl = np.sum(np.exp(ref_logp) * (ref_logp - logp), axis=-1)
-  top1 = ref_logp.argmax(-1) == logp.argmax(-1)
-  return {"top1_agreement": float(top1.mean()), "mean_kl": float(kl.mean()),
-          "max_kl": float(kl.max())}
 
 
 def _strip_stop(a: AgentState) -> list[int]:

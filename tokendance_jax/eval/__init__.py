@@ -1,0 +1,1 @@
+"""Evaluation: quality metrics and the benchmark experiments, kept out of the serving runtime."""
