@@ -1,11 +1,14 @@
 """Workload generators: seeded, laid out per topology/order/mode, sized, English text."""
 
 import dataclasses
+import json
+import string
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tokendance_jax import workload_text
 from tokendance_jax import workloads as W
 from tokendance_jax.workloads import OutputRef, TextSegment, Workload, WorkloadConfig
 
@@ -126,7 +129,7 @@ def test_accumulate_grows_in_round_order():
     assert refs == [(j, src) for src in range(r) for j in (0, 1, 3, 4, 5)]
   headers = [s for s in segments(w.prompt(3, 2)) if s.name.startswith("header:")]
   assert headers[0].name == "header:agent0:r0"
-  assert headers[0].text == "\nAgent 0 (%s) said (round 0):\n" % w.names[0]
+  assert headers[0].text == f"\nAgent 0 ({w.names[0]}) said (round 0):\n"
   assert headers[-1].name == "header:agent5:r2"
 
 
@@ -349,6 +352,117 @@ def test_layout_invariants(n, rounds, seed, topology, order, mode, k):
         assert all(j != i for j, _ in shared)
       assert private_refs(items) == [(i, p) for p in range(r)]
       # Every shared output block is preceded by its header.
-      for a, b in zip(items, items[1:]):
+      for a, b in zip(items, items[1:], strict=False):
         if isinstance(b, OutputRef) and not b.private:
           assert isinstance(a, TextSegment) and a.name.startswith(f"header:agent{b.agent}")
+
+
+# ---- Text banks (tokendance_jax/data/workload_*.json).
+
+
+def bank_file_json(name: str) -> dict:
+  return json.loads(workload_text.data_dir().joinpath(f"{name}.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture
+def fresh_banks():
+  """Bank files are read once and cached; start and end the test with an empty cache."""
+  workload_text.text_banks.cache_clear()
+  yield
+  workload_text.text_banks.cache_clear()
+
+
+def test_every_bank_file_ships_and_holds_exactly_its_banks():
+  shipped = {p.name for p in workload_text.data_dir().iterdir() if p.name.startswith("workload_")}
+  assert shipped == {f"{name}.json" for name in workload_text.BANK_FILES}
+  for name, keys in workload_text.BANK_FILES.items():
+    assert sorted(bank_file_json(name)) == sorted(keys), name
+
+
+@pytest.mark.parametrize("name", sorted(workload_text.BANK_FILES))
+def test_every_bank_loads_non_empty_and_distinct(name):
+  raw = bank_file_json(name)
+  banks = workload_text.text_banks(name)
+  for key, value in raw.items():
+    entries = list(value.values()) + list(value) if isinstance(value, dict) else value
+    assert entries and all(isinstance(v, str) and v.strip() for v in entries), (name, key)
+    if isinstance(value, list):  # drawn without replacement, or "{x}"/"{x2}" pairs: distinct
+      assert len(set(value)) == len(value), (name, key)
+      assert banks[key] == tuple(value)
+    else:
+      assert list(banks[key].items()) == list(value.items())
+  assert workload_text.text_banks(name) is banks  # read once
+
+
+def test_banks_are_big_enough_for_their_draws():
+  common = workload_text.text_banks("workload_common")
+  assert len(common["trait"]) >= 3  # three distinct innate traits per resident
+  assert len(common["first_name"]) * len(common["last_name"]) >= 100  # agent_society's 100
+  assert len(workload_text.text_banks("workload_town")["places"]) >= 2  # "here" and "there"
+
+
+def test_templates_name_only_known_slots():
+  def fields(template):
+    return {f.rstrip("0123456789") for _, f, _, _ in string.Formatter().parse(template) if f}
+  derived = {"workload_town": {"place", "trait", "other", "first"},
+             "workload_city": {"district", "amount", "pct", "trait", "other"}}
+  slots = {"workload_town": set(workload_text.TOWN_SLOTS), "workload_city":
+           set(workload_text.CITY_SLOTS)}
+  templates = {"workload_town": ("memories", "events", "plans", "persona_facts"),
+               "workload_city": ("incidents", "bulletins")}
+  for name, keys in templates.items():
+    banks = workload_text.text_banks(name)
+    for key in keys:
+      for template in banks[key]:
+        unknown = fields(template) - slots[name] - derived[name]
+        assert not unknown, (name, key, template, unknown)
+
+
+def copy_bank_files(dest, skip=()):
+  for name in workload_text.BANK_FILES:
+    if name not in skip:
+      (dest / f"{name}.json").write_text(json.dumps(bank_file_json(name)), encoding="utf-8")
+
+
+@pytest.mark.parametrize("name,preset", [("workload_common", "debate"),
+                                         ("workload_town", "generative_agents"),
+                                         ("workload_city", "agent_society"),
+                                         ("workload_debate", "debate")])
+def test_a_missing_bank_file_is_named(name, preset, tmp_path, monkeypatch, fresh_banks):
+  copy_bank_files(tmp_path, skip=(name,))
+  monkeypatch.setattr(workload_text, "data_dir", lambda: tmp_path)
+  with pytest.raises(FileNotFoundError, match=f"tokendance_jax/data/{name}.json is missing"):
+    Workload(W.preset(preset, n_agents=3))
+
+
+def corrupt_rename(data):
+  data["rule"] = data.pop("rules")
+
+
+def corrupt_repeat(data):
+  data["rules"].append(data["rules"][0])
+
+
+def corrupt_empty(data):
+  data["rules"] = []
+
+
+@pytest.mark.parametrize("corrupt,message", [
+    (corrupt_rename, "lacks the bank\\(s\\) rules"),
+    (corrupt_repeat, "bank 'rules' repeats"),
+    (corrupt_empty, "bank 'rules' must be a non-empty"),
+    (None, "repeats the key\\(s\\) rules"),
+])
+def test_a_malformed_bank_file_is_named(corrupt, message, tmp_path, monkeypatch, fresh_banks):
+  copy_bank_files(tmp_path)
+  path = tmp_path / "workload_debate.json"
+  if corrupt is None:  # a key written twice, which json.loads alone would silently collapse
+    path.write_text('{"rules": ["a"], "rules": ["b"]}', encoding="utf-8")
+  else:
+    data = bank_file_json("workload_debate")
+    corrupt(data)
+    path.write_text(json.dumps(data), encoding="utf-8")
+  monkeypatch.setattr(workload_text, "data_dir", lambda: tmp_path)
+  with pytest.raises(ValueError, match=f"tokendance_jax/data/workload_debate.json.*{message}"):
+    Workload(W.preset("debate", n_agents=3))
+  assert Workload(W.preset("generative_agents", n_agents=3)).system_text  # other files still load
