@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from tokendance_jax import model, session
+from tokendance_jax.collect import Collector
 from tokendance_jax.config import TINY, CacheConfig
 from tokendance_jax.engine import build_batch
+from tokendance_jax.layout import layout_wave
 from tokendance_jax.paging import BlockTable, pages_needed
 from tokendance_jax.rounds import AgentPrompt, ReusePolicy, Round, Segment, segment_key
 from tokendance_jax.session import METHODS, RoundSession
@@ -109,9 +111,9 @@ def test_mirror_is_lossless(params):
   prev = sess.run_round(wl.round(0, None)).outputs
   rnd = wl.round(1, prev)
   stats = session.new_stats()
-  sess._prefill_masters(rnd, stats)  # the masters of round 0's outputs
-  agents = sess._layout_all(rnd.prompts)
-  sess._prefill(agents, stats)
+  sess.builder.build(rnd, stats)  # the masters of round 0's outputs
+  agents = layout_wave(rnd.prompts, sess.strategy, sess.ctx)
+  sess.strategy.prefill(agents, sess.ctx, sess.collector, stats)
   assert any(a.mirror_blocks for a in agents)
   assert any(set(a.table.pages) & {p for m in sess.masters.masters.values() for p in m.pages}
              for a in agents)
@@ -342,7 +344,7 @@ def test_the_check_skips_the_exact_head_and_selects_the_same(params, monkeypatch
   over every token (the head's deviation is 0 either way)."""
   policy = ReusePolicy(select="cacheblend", recompute=0.3, masters=masters)
   _, fast = run(params, "tokendance", policy, rounds=2, quality=False)
-  monkeypatch.setattr(RoundSession, "_exact_head", lambda self, a: 0)
+  monkeypatch.setattr(Collector, "exact_head", lambda self, a: 0)
   _, slow = run(params, "tokendance", policy, rounds=2, quality=False)
   system = Workload().system
   for a, b in zip(fast, slow, strict=True):

@@ -1,0 +1,44 @@
+"""A round's counters: what the stages add up, and the token and device totals."""
+
+from __future__ import annotations
+
+from tokendance_jax import sharding
+from tokendance_jax.config import ModelConfig
+from tokendance_jax.layout import AgentState
+
+__all__ = ["device_stats", "new_stats", "token_stats"]
+
+
+def new_stats() -> dict:
+  """A round's prefill counters, all zero."""
+  return dict(master_prefill_seconds=0.0, check_seconds=0.0, copy_seconds=0.0,
+              recompute_seconds=0.0, pages_copied=0, check_flops=0.0, master_tokens=0,
+              checked_tokens=0)
+
+
+def token_stats(agents: list[AgentState], cfg: ModelConfig) -> dict:
+  """Tokens computed in the round, in all and per agent (reused shared tokens recomputed,
+  out of the agent's shared tokens)."""
+  prompt = sum(a.num_prompt for a in agents)
+  done = [a.recompute for a in agents if a.recompute is not None]
+  recomputed = sum(len(r) for r in done)
+  shared = {a.agent_id: int(a.shared_mask.sum()) for a in agents}
+  shared_recomputed = {a.agent_id: int(a.shared_mask[a.recompute].sum()) for a in agents
+                       if a.recompute is not None}
+  return {"prompt_tokens": prompt, "computed_tokens": recomputed,
+          "computed_fraction": recomputed / max(prompt, 1),
+          "computed_flops": float(sum(cfg.prefill_flops(r) for r in done)),
+          "shared_tokens_per_agent": shared,
+          "shared_recomputed_per_agent": shared_recomputed}
+
+
+def device_stats(engine, pages_in_use: int, page_bytes: int) -> dict:
+  """Per-device memory under a mesh. The page axis is not sharded: every device holds
+  its kv-head share of every page, so in-use bytes per device scale with kv-head shards."""
+  plan = engine.mesh_plan
+  frac = plan.kv_fraction_per_device()
+  return {"mesh": sharding.describe(plan.mesh), "devices": plan.mesh.size,
+          "pages_sharded": plan.mesh_axis("pages") is not None,
+          "kv_bytes_in_use_per_device": pages_in_use * page_bytes * frac,
+          "kv_pool_bytes_per_device": plan.bytes_per_device(engine.cache),
+          "param_bytes_per_device": plan.bytes_per_device(engine.params)}
