@@ -44,12 +44,19 @@ def _sampling(args):
                         top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
 
+def prompt_ids(tok, prompts: list[str], chat: bool) -> list[list[int]]:
+  """Token ids of each prompt. With `chat`, a user turn of the chat template whose text is
+  encoded as text (a special-token string in it never becomes a control token); without,
+  the raw prompt as written, templates included."""
+  if chat:
+    return [tok.encode_chat([{"role": "user", "content": p}]) for p in prompts]
+  return [tok.encode(p) for p in prompts]
+
+
 def cmd_generate(args) -> int:
   sampling_params = _sampling(args)  # bad values fail before the model loads
   engine, tok = _build(args)
-  texts = [tok.apply_chat_template([{"role": "user", "content": p}]) if args.chat else p
-           for p in args.prompt]
-  prompts = [tok.encode(t) for t in texts]
+  prompts = prompt_ids(tok, args.prompt, args.chat)
   start = time.perf_counter()
   results = engine.generate(prompts, sampling_params, progress=len(prompts) > 1)
   elapsed = time.perf_counter() - start
