@@ -105,7 +105,7 @@ def run(args) -> dict:
   url = args.url
   if url is None:
     from tokendance_jax import api
-    from tokendance_jax.server import BackgroundServer, create_app
+    from tokendance_jax.serve import BackgroundServer, create_app
 
     engine, tok = api.load_engine(num_pages=args.num_pages, max_batch=args.max_batch)
     app = create_app(engine, tok, max_queue=args.max_queue, session_pages=args.session_pages)
@@ -130,14 +130,16 @@ def run(args) -> dict:
   lat = np.array([r["seconds"] for r in ok]) if ok else np.zeros(1)
   tokens = sum(r["tokens"] for r in ok)
   return {
-      "experiment": "server_load", "model": "SmolLM2-135M-Instruct", "url": args.url or "in-process",
+      "experiment": "server_load", "model": "SmolLM2-135M-Instruct",
+      "url": args.url or "in-process",
       "machine": platform.machine(), "clients": args.clients, "requests": args.requests,
       "max_tokens": args.max_tokens, "max_batch": args.max_batch, "max_queue": args.max_queue,
       "wall_seconds": wall, "status_counts": {str(k): v for k, v in sorted(codes.items())},
       "errors": sum(v for k, v in codes.items() if k != 200 and k != 429),
       "rejected_429": codes.get(429, 0), "generated_tokens": tokens,
       "tokens_per_second": tokens / wall,
-      "latency_seconds": {"p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)),
+      "latency_seconds": {"p50": float(np.percentile(lat, 50)),
+                          "p95": float(np.percentile(lat, 95)),
                           "p99": float(np.percentile(lat, 99)), "max": float(lat.max())},
       "sessions": {"count": args.sessions, "rounds_each": args.rounds,
                    "completed": sum(s["status"] == 200 for s in sessions),

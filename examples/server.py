@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from tokendance_jax import serve_cli
-from tokendance_jax.server import serve
+from tokendance_jax.serve import serve
 
 
 def main(argv=None) -> int:

@@ -7,8 +7,10 @@ they are fast; one `real_model` test drives SmolLM2 through the official
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
+import pathlib
 import re
 import threading
 import time
@@ -20,11 +22,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tokendance_jax import model
+from tokendance_jax import serve as serve_pkg
 from tokendance_jax.config import TINY, CacheConfig
 from tokendance_jax.diffstore import MasterRegistry
 from tokendance_jax.engine import Engine
 from tokendance_jax.paging import PageAllocator
-from tokendance_jax.server import BackgroundServer, create_app
+from tokendance_jax.serve import BackgroundServer, create_app
 
 MODEL = "tiny"
 POOL = CacheConfig(num_pages=96, page_size=8)
@@ -638,7 +641,8 @@ _json = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
         st.sampled_from(["model", "prompt", "messages", "max_tokens", "stop", "seed", "stream",
-                         "temperature", "agents", "role", "content", "top_p"]) | st.text(max_size=5),
+                         "temperature", "agents", "role", "content", "top_p"])
+        | st.text(max_size=5),
         inner, max_size=5),
     max_leaves=12)
 _paths = st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/sessions",
@@ -656,6 +660,24 @@ def test_fuzz_garbage_bodies(live, path, body):
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
   assert client.get("/health").status_code == 200
   assert worker.engine.allocator.num_used == 0
+
+
+FASTAPI_FREE = ("worker", "sessions", "schemas", "errors", "metrics", "config")
+
+
+def test_the_worker_is_fastapi_free():
+  """The worker and the serve modules it imports load neither FastAPI nor Starlette: the HTTP
+  layer is app.py, openai_api.py and rounds_api.py (errors.py imports Starlette only to
+  answer)."""
+  root = pathlib.Path(serve_pkg.__file__).parent
+  for name in FASTAPI_FREE:
+    top = [n for n in ast.parse((root / f"{name}.py").read_text()).body
+           if isinstance(n, (ast.Import, ast.ImportFrom))]
+    mods = [a.name for n in top if isinstance(n, ast.Import) for a in n.names]
+    mods += [n.module or "" for n in top if isinstance(n, ast.ImportFrom)]
+    assert not [m for m in mods if m.split(".")[0] in ("fastapi", "starlette")], (name, mods)
+    serve_deps = {m.split(".")[2] for m in mods if m.startswith("tokendance_jax.serve.")}
+    assert serve_deps <= set(FASTAPI_FREE), (name, serve_deps)
 
 
 # -- the real model through the official client ---------------------------------------------
@@ -682,8 +704,8 @@ def test_openai_client_real_model(real_params):
     assert text == r.choices[0].message.content
 
     http = httpx.Client(base_url=server.url, timeout=120)
-    s = http.post("/v1/sessions", json={"system": "Two agents discuss travel.",
-                                         "agents": {"ann": "You love Paris.", "bob": "You love Rome."},
+    agents = {"ann": "You love Paris.", "bob": "You love Rome."}
+    s = http.post("/v1/sessions", json={"system": "Two agents discuss travel.", "agents": agents,
                                          "max_tokens": 6})
     assert s.status_code == 200, s.text
     rr = http.post(f"/v1/sessions/{s.json()['id']}/rounds", json={"message": "Say hello."})

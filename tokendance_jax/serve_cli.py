@@ -46,7 +46,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def server_kwargs(args) -> dict:
-  """Keyword arguments of `server.serve` from parsed arguments."""
+  """Keyword arguments of `tokendance_jax.serve.serve` from parsed arguments."""
   kw = dict(host=args.host, port=args.port, dtype=args.dtype, cache_dir=args.cache_dir,
             num_pages=args.num_pages, page_size=args.page_size, max_batch=args.max_batch,
             force_kernel=args.force_kernel, log_level=args.log_level, api_key=args.api_key,
@@ -59,7 +59,7 @@ def server_kwargs(args) -> dict:
 
 
 def cmd_serve(args) -> int:
-  from tokendance_jax.server import ServerConfig, serve
+  from tokendance_jax.serve import ServerConfig, serve
 
   kw = server_kwargs(args)
   config_keys = ("api_key", "max_queue", "session_pages", "max_sessions", "model_name",
