@@ -178,3 +178,31 @@ def test_preempting_an_adopted_sequence_keeps_its_prompt_pages(params, prompts):
   tight, n1 = run(22)
   assert n0 == 0 and n1 > 0
   assert tight == roomy
+
+
+def test_a_step_that_loses_the_donated_cache_starts_over_on_an_empty_pool(params, prompts,
+                                                                          one_at_a_time,
+                                                                          monkeypatch):
+  """A device fault after the step took the cache: the engine raises CacheLost naming the
+  aborted sequences, frees their pages, gets a new cache, and then serves as before."""
+  eng = Engine(params, TINY, cache_cfg=CacheConfig(num_pages=64, page_size=8))
+  ids = [eng.add_request(p, GREEDY) for p in prompts[:3]]
+  inner, calls = engine_mod._model_step, []
+
+  def step(params_, cache, *a, **k):
+    calls.append(1)
+    if len(calls) == 3:  # a decode step, with every sequence holding pages
+      cache.k.delete()
+      cache.v.delete()
+      raise RuntimeError("device fault")
+    return inner(params_, cache, *a, **k)
+
+  monkeypatch.setattr(engine_mod, "_model_step", step)
+  with pytest.raises(engine_mod.CacheLost, match="3 sequences") as info:
+    while eng.has_unfinished():
+      eng.step()
+  assert sorted(info.value.seq_ids) == sorted(ids)
+  assert not eng.running and not eng.waiting and eng.allocator.num_used == 0
+  assert eng.cache_epoch == 1 and not eng.cache.k.is_deleted()
+  monkeypatch.setattr(engine_mod, "_model_step", inner)
+  assert [r.output_ids for r in eng.generate(prompts[:3], GREEDY)] == one_at_a_time[:3]

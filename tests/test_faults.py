@@ -173,3 +173,65 @@ def test_anchored_master_prefill_that_fails_frees_its_pages(params, monkeypatch)
     sess.run_round(make_round(1, r0))
   assert_pool_holds_only_kept(sess)
   assert paging.NULL_PAGE not in kept_pages(sess)
+
+
+class DonatedThenFails:
+  """Stands in for a jitted step that takes the donated cache and then fails on the device:
+  on call `fail_at` it deletes the cache's buffers and raises."""
+
+  def __init__(self, monkeypatch, name: str, fail_at: int):
+    self.calls, self.fail_at, inner = 0, fail_at, getattr(engine_mod, name)
+
+    def step(params, cache, *a, **k):
+      self.calls += 1
+      if self.calls == self.fail_at:
+        cache.k.delete()
+        cache.v.delete()
+        raise Fault("device fault after donation")
+      return inner(params, cache, *a, **k)
+
+    monkeypatch.setattr(engine_mod, name, step)
+
+
+@pytest.mark.parametrize("step", ["_model_step_logits", "_model_step"])  # prefill, decode
+@pytest.mark.parametrize("method", METHODS)
+def test_a_step_that_loses_the_cache_resets_the_session(params, clean, method, step):
+  """The engine gets a new, empty cache and says so (CacheLost); the session drops its masters
+  and cached blocks (their pages hold zeros now), and its next round equals a new session's."""
+  r0, _ = clean[method]
+  sess = RoundSession(params, CFG, method=method, policy=POLICY, cache_cfg=POOL, quality=False)
+  sess.run_round(make_round(0, None))
+  with pytest.MonkeyPatch.context() as mp:
+    fault = DonatedThenFails(mp, step, fail_at=1)
+    with pytest.raises(engine_mod.CacheLost) as info:
+      sess.run_round(make_round(1, r0))
+  assert fault.calls == 1 and isinstance(info.value.__cause__, Fault)
+  assert sess.engine.cache_epoch == 1 and not sess.engine.cache.k.is_deleted()
+  assert_pool_holds_only_kept(sess)
+  assert sess.allocator.num_used == 0 and not sess.masters.masters
+  fresh = RoundSession(params, CFG, method=method, policy=POLICY, cache_cfg=POOL, quality=False)
+  assert sess.run_round(make_round(1, r0)).outputs == fresh.run_round(make_round(1, r0)).outputs
+
+
+def test_a_check_that_loses_its_scratch_cache_is_retried_on_a_new_one(params, clean):
+  """The check donates the scratch cache; after a fault there the next round makes a new one."""
+  from tokendance_jax import collector
+
+  r0, r1 = clean["tokendance"]
+  sess = RoundSession(params, CFG, method="tokendance", policy=POLICY, cache_cfg=POOL,
+                      quality=False)
+  sess.run_round(make_round(0, None))
+  inner = collector.check_deviation
+
+  def check(params_, scratch, *a, **k):
+    scratch.k.delete()
+    scratch.v.delete()
+    raise Fault("device fault in the check")
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(collector, "check_deviation", check)
+    with pytest.raises(Fault):
+      sess.run_round(make_round(1, r0))
+  assert collector.check_deviation is inner
+  assert_pool_holds_only_kept(sess)
+  assert sess.run_round(make_round(1, r0)).outputs == r1

@@ -198,6 +198,34 @@ def test_engine_out_of_pages_is_a_503_with_retry_after(live, clean, monkeypatch,
   assert_engine_empty(worker.engine)
 
 
+def test_a_step_that_loses_the_kv_cache_is_a_500_and_the_server_recovers(live, clean,
+                                                                        monkeypatch):
+  """A device fault after the decode step took the cache: the request fails with 500 naming
+  the lost cache, the engine holds nothing, and the next request gets a clean server's text
+  from the engine's new cache."""
+  client, worker = live
+  inner, calls = engine_mod._model_step, []
+
+  def step(params_, cache, *a, **k):
+    calls.append(1)
+    if len(calls) == 2:
+      cache.k.delete()
+      cache.v.delete()
+      raise RuntimeError("device fault")
+    return inner(params_, cache, *a, **k)
+
+  monkeypatch.setattr(engine_mod, "_model_step", step)
+  epoch = worker.engine.cache_epoch
+  r = client.post("/v1/chat/completions", json=CHAT)
+  _assert_error(r, 500)
+  assert "CacheLost" in r.json()["error"]["message"]
+  assert worker.engine.cache_epoch == epoch + 1
+  assert_engine_empty(worker.engine)
+  monkeypatch.setattr(engine_mod, "_model_step", inner)
+  assert chat_text(client.post("/v1/chat/completions", json=CHAT)) == clean["chat"]
+  assert_engine_empty(worker.engine)
+
+
 # -- a round that fails ---------------------------------------------------------------------
 
 

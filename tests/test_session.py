@@ -183,6 +183,23 @@ def test_bad_rounds_raise_before_any_page_is_touched(params, make, match):
   assert sess.allocator.num_used == 0
 
 
+def test_sampling_set_on_a_session_applies_to_its_next_round(params):
+  """The server sets each chat request's sampling on its session; the next round must use it."""
+  from tokendance_jax.sampling import SamplingParams
+
+  hot = SamplingParams(temperature=1.5, seed=11)
+  made_hot = RoundSession(params, CFG, method="tokendance", cache_cfg=POOL, quality=False,
+                          sampling=hot)
+  set_hot = RoundSession(params, CFG, method="tokendance", cache_cfg=POOL, quality=False)
+  greedy = set_hot.run_round(Workload().round(0, None)).outputs
+  set_hot.close()
+  set_hot.sampling = hot
+  assert set_hot.sampling == hot
+  out = set_hot.run_round(Workload().round(0, None)).outputs
+  assert out == made_hot.run_round(Workload().round(0, None)).outputs
+  assert out != greedy  # the test can tell sampled from greedy outputs
+
+
 def test_segments_by_id(params):
   """A later round can name an earlier output by its id; an unknown id is refused up front."""
   from tokendance_jax.rounds import SegmentRef

@@ -181,6 +181,8 @@ class Collector:
   def _scratch_cache(self, pages: int) -> model.KVCache:
     ctx = self.ctx
     pages = bucket(pages, 64)
+    if self.scratch is not None and self.scratch.k.is_deleted():
+      self.scratch = None  # donated to a check that failed; it holds nothing to keep
     if self.scratch is None or self.scratch.num_pages < pages:
       sub = dataclasses.replace(ctx.cfg, n_layers=ctx.policy.check_layer + 1)
       sub_pool = dataclasses.replace(ctx.cache_cfg, num_pages=pages)

@@ -60,6 +60,21 @@ class Sequence:
     return len(self.tokens) - self.num_computed
 
 
+class CacheLost(RuntimeError):
+  """A step failed after the KV cache was donated to it, so every page's K/V is gone.
+
+  The engine starts again on an empty pool of the same shape and aborts the
+  sequences it was running or holding (`seq_ids`). Whoever keeps page
+  contents across steps (masters, a prefix cache) must drop them: their
+  pages are still allocated but hold zeros now.
+  """
+
+  def __init__(self, seq_ids: list[int], cause: BaseException):
+    super().__init__(f"a model step failed after the KV cache was donated to it ({cause!r}); "
+                     f"the K/V of every page is lost and {len(seq_ids)} sequences were aborted")
+    self.seq_ids = seq_ids
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerationResult:
   seq_id: int
@@ -122,12 +137,9 @@ class Engine:
     self.attn = attn or AttentionConfig.default_for_backend()
     self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
     self.mesh_plan = sharding.as_plan(mesh)
-    if self.mesh_plan is None:
-      self.params = params
-      self.cache = model.KVCache.create(cfg, cache_cfg)
-    else:
-      self.params = self.mesh_plan.shard_params(params, cfg)
-      self.cache = self.mesh_plan.create_cache(cfg, cache_cfg)
+    self.params = params if self.mesh_plan is None else self.mesh_plan.shard_params(params, cfg)
+    self.cache = self._new_cache()
+    self.cache_epoch = 0  # bumped each time the cache is lost (`CacheLost`)
     self.allocator = PageAllocator(cache_cfg.num_pages)
     self.waiting: collections.deque[Sequence] = collections.deque()
     self.running: list[Sequence] = []
@@ -303,8 +315,8 @@ class Engine:
         [s.params if r in sampled_rows else None for r, (s, _) in enumerate(chunks)],
         [len(s.output) for s, _ in chunks], rows)
     batch, samp = self.place(batch, samp)
-    tokens, self.cache = self.jitted(_model_step, 1)(self.params, self.cache, batch, samp,
-                                                     cfg=self.cfg, attn=self.attn, decode=decode)
+    tokens, = self.donate(self.jitted(_model_step, 1), batch, samp, cfg=self.cfg, attn=self.attn,
+                          decode=decode)
     tokens = np.asarray(tokens)  # the step's one device-to-host copy
     for r, (seq, n) in enumerate(chunks):
       seq.num_computed += n
@@ -349,8 +361,8 @@ class Engine:
         [(params[i] or greedy) if r in rows else None for r, (i, *_) in enumerate(items)],
         [0] * len(items), batch.block_tables.shape[0])
     batch, samp = self.place(batch, samp)
-    tokens, logp, self.cache = self.jitted(_model_step_logits, 2)(
-        self.params, self.cache, batch, samp, cfg=self.cfg, attn=self.attn)
+    tokens, logp = self.donate(self.jitted(_model_step_logits, 2), batch, samp, cfg=self.cfg,
+                               attn=self.attn)
     tokens = np.asarray(tokens)
     for r, (i, *_) in enumerate(items):
       if r in rows:
@@ -360,7 +372,29 @@ class Engine:
 
   def copy_pages(self, src, dst) -> None:
     """Copy pages src[i] -> dst[i] in every layer (padded page lists; see collector.copy_pages)."""
-    self.cache = collector.copy_pages(self.cache, src, dst)
+    self.donate(lambda _, cache: (collector.copy_pages(cache, src, dst),))
+
+  def donate(self, step, *args, **kwargs) -> tuple:
+    """`step(params, cache, *args, **kwargs)`, which donates the cache and returns its outputs
+    then the new cache; keeps the new cache and returns the other outputs. If the step
+    fails after the cache was donated, raises `CacheLost` (see there)."""
+    try:
+      *out, self.cache = step(self.params, self.cache, *args, **kwargs)
+    except BaseException as e:
+      if not (self.cache.k.is_deleted() or self.cache.v.is_deleted()):
+        raise  # failed before the cache changed hands: nothing lost
+      lost = [seq.seq_id for seq in itertools.chain(self.waiting, self.running)]
+      for seq_id in lost:
+        self.abort(seq_id)
+      self.cache = self._new_cache()
+      self.cache_epoch += 1
+      raise CacheLost(lost, e) from e
+    return tuple(out)
+
+  def _new_cache(self) -> model.KVCache:
+    if self.mesh_plan is None:
+      return model.KVCache.create(self.cfg, self.cache_cfg)
+    return self.mesh_plan.create_cache(self.cfg, self.cache_cfg)
 
   def place(self, batch, *replicated):
     """Batch and extra host inputs, placed on the mesh (unchanged without one)."""

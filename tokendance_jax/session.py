@@ -27,7 +27,7 @@ import numpy as np
 from tokendance_jax import admission, diffstore, handover
 from tokendance_jax.collect import Collector
 from tokendance_jax.config import AttentionConfig, CacheConfig, ModelConfig
-from tokendance_jax.engine import Engine
+from tokendance_jax.engine import CacheLost, Engine
 from tokendance_jax.eval.quality import next_token_quality
 from tokendance_jax.layout import AgentState, layout_wave, release
 from tokendance_jax.master_prefill import MasterBuilder
@@ -113,6 +113,15 @@ class RoundSession:
     self.known: dict[str, tuple[int, ...]] = {}  # key -> tokens of every shared segment seen
 
   @property
+  def sampling(self) -> SamplingParams:
+    """Temperature / top-k / top-p / seed for every agent of the next rounds."""
+    return self.ctx.sampling
+
+  @sampling.setter
+  def sampling(self, params: SamplingParams) -> None:
+    self.ctx.sampling = params
+
+  @property
   def timeline(self) -> list[tuple[str, float, float]]:
     """(phase, t0, t1) perf_counter windows of the last round's prefill phases."""
     return self.ctx.timeline
@@ -121,10 +130,15 @@ class RoundSession:
     """Prefill (per method), decode every agent, keep what the next round reuses.
 
     Bad input (see `Round.validate`, unknown `SegmentRef`) raises ValueError
-    before any page is touched.
+    before any page is touched. If a step loses the KV cache (`engine.CacheLost`),
+    the masters and the prefix cache are dropped too; the next round starts from an
+    empty pool.
     """
     try:
       return self._run_round(rnd)
+    except CacheLost:  # the masters' and cached blocks' pages hold zeros now
+      self.close()
+      raise
     finally:
       self.builder.unpin()
 
