@@ -23,14 +23,14 @@ import jax
 import numpy as np
 
 from tokendance_jax import api
-from tokendance_jax.bench import summary
 from tokendance_jax.config import CacheConfig
+from tokendance_jax.eval.runner import summary
 from tokendance_jax.roundrun import RoundRunConfig, run_rounds
 from tokendance_jax.rounds import METHODS
 
 
 def _summary(res: dict) -> dict:
-  """bench.summary over a run_rounds result (averages over rounds >= 1)."""
+  """eval.runner.summary over a run_rounds result (averages over rounds >= 1)."""
   return summary(dict(res, select=res["config"]["select"], recompute=res["config"]["recompute"]))
 
 

@@ -131,51 +131,51 @@ def test_sweep_quick(tmp_path):
 
 def test_master_policies_expand_reuse_methods():
   """--masters runs each reuse method once per policy: the first under its plain name."""
-  from tokendance_jax import bench
+  from tokendance_jax.eval import config
 
   parser = cli.build_parser()
   args = parser.parse_args(["bench", "storage", "--methods", "prefix,tokendance,cacheblend@8",
                             "--masters", "context,anchored"])
-  bc = bench.config_from_args(args)
+  bc = config.config_from_args(args)
   assert bc.methods == [("prefix", None), ("tokendance", None), ("tokendance:anchored", None),
                         ("cacheblend", 8), ("cacheblend:anchored", 8)]
-  assert bench.reuse_policy(bc, "tokendance").masters == "context"
-  assert bench.reuse_policy(bc, "tokendance:anchored").masters == "anchored"
-  assert bench.split_label("cacheblend:anchored", bc) == ("cacheblend", "anchored")
+  assert config.reuse_policy(bc, "tokendance").masters == "context"
+  assert config.reuse_policy(bc, "tokendance:anchored").masters == "anchored"
+  assert config.split_label("cacheblend:anchored", bc) == ("cacheblend", "anchored")
   args = parser.parse_args(["bench", "storage", "--methods", "tokendance,tokendance:decode"])
-  assert bench.config_from_args(args).methods == [("tokendance", None),
-                                                  ("tokendance:decode", None)]
+  assert config.config_from_args(args).methods == [("tokendance", None),
+                                                   ("tokendance:decode", None)]
 
 
 def test_epic_runs_without_the_threshold_mode():
   """--tau applies to the deviation-ranked selections; EPIC picks its own tokens, so its
   policy has no tau (ReusePolicy refuses the pair) instead of failing after other runs."""
-  from tokendance_jax import bench
+  from tokendance_jax.eval import config
 
   args = cli.build_parser().parse_args(["bench", "prefill", "--methods", "tokendance,epic",
                                         "--tau", "0.01"])
-  bc = bench.config_from_args(args)
-  assert bench.reuse_policy(bc, "tokendance").tau == 0.01
-  epic = bench.reuse_policy(bc, "epic")
+  bc = config.config_from_args(args)
+  assert config.reuse_policy(bc, "tokendance").tau == 0.01
+  epic = config.reuse_policy(bc, "epic")
   assert epic.tau is None and epic.select == "epic"
 
 
 def test_quality_bar_needs_every_higher_fraction_to_hold():
-  from tokendance_jax import bench
+  from tokendance_jax.eval.experiments import quality_bar
 
   def pt(r, top1, tau=None, method="tokendance"):
     return dict(kind="sweep", method=method, select="block", agents=8, recompute=r, tau=tau,
                 forced_top1=top1, computed_fraction=r, shared_kv_vs_prefix=1 / (r + 0.1),
                 whole_kv_vs_prefix=1.0, private_share=0.2)
 
-  bar = bench.quality_bar([pt(0.05, 1.0), pt(0.15, 0.95), pt(0.3, 0.995), pt(0.5, 1.0)], 0.99)
+  bar = quality_bar([pt(0.05, 1.0), pt(0.15, 0.95), pt(0.3, 0.995), pt(0.5, 1.0)], 0.99)
   assert bar["tokendance/block/8"]["recompute"] == 0.3  # the lone pass at 0.05 does not count
-  bar = bench.quality_bar([pt(0.3, 0.995), pt(0.5, 0.98)], 0.99)
+  bar = quality_bar([pt(0.3, 0.995), pt(0.5, 0.98)], 0.99)
   assert bar["tokendance/block/8"]["recompute"] is None
   # Threshold runs: the cheapest is the highest tau, and every lower tau must hold too.
-  bar = bench.quality_bar([pt(0.15, 1.0, tau=0.05), pt(0.15, 0.97, tau=0.1),
-                           pt(0.15, 0.995, tau=0.2), pt(0.15, 0.999, tau=0.02),
-                           pt(0.05, 0.999, method="tokendance:anchored")], 0.99)
+  bar = quality_bar([pt(0.15, 1.0, tau=0.05), pt(0.15, 0.97, tau=0.1),
+                     pt(0.15, 0.995, tau=0.2), pt(0.15, 0.999, tau=0.02),
+                     pt(0.05, 0.999, method="tokendance:anchored")], 0.99)
   assert bar["tokendance/block/8/tau"]["tau"] == 0.05
   assert bar["tokendance/block/8/tau"]["tried"] == [0.02, 0.05, 0.1, 0.2]
   assert bar["tokendance:anchored/block/8"]["recompute"] == 0.05
@@ -184,17 +184,17 @@ def test_quality_bar_needs_every_higher_fraction_to_hold():
 def test_the_quality_target_reads_the_forced_top1():
   """The 0.99 bar is on the forced top-1 (every output token), not the one next-token sample
   per agent: a point with next-token top-1 1.0 but forced 0.988 misses it."""
-  from tokendance_jax import bench
+  from tokendance_jax.eval.experiments import ratios
 
   pts = [dict(kind="run", method="prefix", agents=16, kv_bytes_per_agent=2.0,
               shared_kv_bytes_per_agent=2.0),
          dict(kind="run", method="tokendance", agents=16, kv_bytes_per_agent=1.0,
               shared_kv_bytes_per_agent=1.0, top1_agreement=1.0, forced_top1=0.988,
               computed_fraction=0.3, private_share=0.2)]
-  q = bench.ratios("storage", pts)["top1_vs_full"]
+  q = ratios("storage", pts)["top1_vs_full"]
   assert q["measured"] == 0.988 and q["met"] is False and q["metric"] == "forced_top1"
   del pts[1]["forced_top1"]  # without forced samples it falls back to the next-token top-1
-  q = bench.ratios("storage", pts)["top1_vs_full"]
+  q = ratios("storage", pts)["top1_vs_full"]
   assert q["measured"] == 1.0 and q["metric"] == "top1_agreement"
 
 
@@ -204,26 +204,27 @@ def test_forced_top1_counts_disagreements():
   import jax
   import numpy as np
 
-  from tokendance_jax import bench, model
+  from tokendance_jax import model
   from tokendance_jax.config import TINY
+  from tokendance_jax.eval import quality
 
   params = model.init_params(TINY, jax.random.PRNGKey(0))
   prompt = list(np.random.default_rng(0).integers(3, TINY.vocab_size, size=21))
   out = []
   for _ in range(6):  # greedy continuation by the dense path, one token at a time
     seq = prompt + out
-    out.append(int(bench.dense_reference(params, seq, TINY, len(seq) - 1)[0][-1]))
+    out.append(int(quality.dense_reference(params, seq, TINY, len(seq) - 1)[0][-1]))
   res = {"rounds": [{"round": 0, "outputs": {"a": out}}], "prompts": [{"a": prompt}]}
-  got = bench.forced_top1((params, TINY, None), res)
+  got = quality.forced_top1((params, TINY, None), res)
   assert got == {"forced_top1": 1.0, "forced_tokens": 6, "first_top1": 1.0,
                  "forced_top1_by_round": [1.0], "outputs_reproduced": 1.0}
   flipped = out[:3] + [(out[3] + 1) % TINY.vocab_size] + out[4:]
   res["rounds"][0]["outputs"]["a"] = flipped
-  got = bench.forced_top1((params, TINY, None), res)
+  got = quality.forced_top1((params, TINY, None), res)
   # position 3 misses; positions 4, 5 now follow another history and may or may not agree
   assert got["first_top1"] == 1.0 and got["forced_top1"] <= 5 / 6
   assert got["outputs_reproduced"] == 0.0
-  assert bench.forced_top1((params, TINY, None), res, agents={"b"})["forced_tokens"] == 0
+  assert quality.forced_top1((params, TINY, None), res, agents={"b"})["forced_tokens"] == 0
 
 
 def test_prefill_flops_match_the_matrix_shapes():
@@ -248,20 +249,21 @@ def test_dense_next_token_quality_is_exact_on_the_reference_itself():
   import jax
   import numpy as np
 
-  from tokendance_jax import bench, model
+  from tokendance_jax import model
   from tokendance_jax.config import TINY
+  from tokendance_jax.eval import quality
 
   params = model.init_params(TINY, jax.random.PRNGKey(1))
   rng = np.random.default_rng(1)
   prompts = {a: list(rng.integers(3, TINY.vocab_size, size=n)) for a, n in (("a", 9), ("b", 14))}
   outputs = {"a": [5, 6], "b": []}
-  ref = {a: bench.dense_reference(params, p + outputs[a], TINY, len(p) - 1)[1]
+  ref = {a: quality.dense_reference(params, p + outputs[a], TINY, len(p) - 1)[1]
          for a, p in prompts.items()}
-  q = bench.dense_next_token_quality((params, TINY, None), prompts, outputs, ref)
+  q = quality.dense_next_token_quality((params, TINY, None), prompts, outputs, ref)
   assert q["top1_agreement"] == 1.0 and q["max_kl"] < 1e-6
   flat = {a: np.full_like(v, -np.log(v.size)) for a, v in ref.items()}
-  q = bench.dense_next_token_quality((params, TINY, None), prompts, outputs, flat)
+  q = quality.dense_next_token_quality((params, TINY, None), prompts, outputs, flat)
   assert q["mean_kl"] > 0.1
   # The reference at the prompt's end does not depend on the output that follows it.
-  np.testing.assert_allclose(bench.dense_reference(params, prompts["a"], TINY, 8)[1], ref["a"],
+  np.testing.assert_allclose(quality.dense_reference(params, prompts["a"], TINY, 8)[1], ref["a"],
                              atol=1e-5)

@@ -9,7 +9,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SOURCES = sorted([*(ROOT / "tokendance_jax").rglob("*.py"), *(ROOT / "kernels").rglob("*.py"),
                   *(ROOT / "benchmarks").glob("*.py")])
 # modules still over the limit, at most this many lines: split them, then drop them from here
-OVERSIZED = {"session.py": 860, "bench.py": 1220}
+OVERSIZED = {"session.py": 860}
 
 
 def module_name(path: pathlib.Path) -> str:

@@ -164,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
   _add_model_args(r)
   r.set_defaults(func=cmd_round)
 
-  from tokendance_jax import bench, serve_cli
+  from tokendance_jax import serve_cli
+  from tokendance_jax.eval import bench
 
   serve_cli.add_parser(sub)
   bench.add_parser(sub)

@@ -29,37 +29,39 @@ DEMO_METHODS = ("prefix", "tokendance")  # the baseline, then ours
 
 
 def demo_config(args):
-  """The `bench.BenchConfig` of the demo run, from the parsed `demo` arguments."""
-  from tokendance_jax import bench
+  """The `eval.config.BenchConfig` of the demo run, from the parsed `demo` arguments."""
+  from tokendance_jax.eval.config import SLO_SECONDS, BenchConfig
 
-  return bench.BenchConfig(
+  return BenchConfig(
       experiment="demo", preset=args.preset, agents=[args.agents], rounds=args.rounds,
       methods=[(m, None) for m in DEMO_METHODS], select=args.select, recompute=args.recompute,
       check_layer=args.check_layer, masters=[args.masters], tau=args.tau,
       max_tokens=args.max_tokens, num_pages=None, page_size=args.page_size,
-      slo_seconds=bench.SLO_SECONDS, order=args.order, seed=args.seed, quality_agents=[],
+      slo_seconds=SLO_SECONDS, order=args.order, seed=args.seed, quality_agents=[],
       quick=False, judge_agents=args.eval_agents)
 
 
 def run(bc, progress: bool = True) -> dict:
   """Every method of the demo at bc.agents[0] agents: {"runs", "points", "seconds", ...}.
 
-  Points are `bench.run_point` summaries of rounds >= 1 (round 0 has no outputs
-  to share) plus `bench.forced_top1` over every round for the first
-  `bc.judge_agents` agents (`bench.judged_agents`).
+  Points are `eval.runner.run_point` summaries of rounds >= 1 (round 0 has no
+  outputs to share) plus `eval.quality.forced_top1` over every round for the
+  first `bc.judge_agents` agents (`eval.config.judged_agents`).
   """
-  from tokendance_jax import bench
+  from tokendance_jax.eval.config import judged_agents
+  from tokendance_jax.eval.quality import forced_top1
+  from tokendance_jax.eval.runner import load_model, run_method, run_point
 
-  model = bench.load_model()
+  model = load_model()
   n, runs, points = bc.agents[0], {}, {}
-  judged = bench.judged_agents(bc, n)
+  judged = judged_agents(bc, n)
   start = time.perf_counter()
   for method, _ in bc.methods:
     t0 = time.perf_counter()
-    runs[method] = bench.run_method(model, bc, method, n, quality=False, num_pages=None)
+    runs[method] = run_method(model, bc, method, n, quality=False, num_pages=None)
     t1 = time.perf_counter()
-    points[method] = dict(bench.run_point(runs[method], None),
-                          **bench.forced_top1(model, runs[method], agents=judged))
+    points[method] = dict(run_point(runs[method], None),
+                          **forced_top1(model, runs[method], agents=judged))
     if progress:
       print(f"[{method}: {t1 - t0:.0f} s, then {time.perf_counter() - t1:.0f} s checking "
             f"{len(judged)} agents against full recompute]", flush=True)

@@ -73,40 +73,64 @@ class RoundRunConfig:
   quality: bool = True
 
 
+def make_workload(preset: str, *, agents: int, rounds: int, seed: int = 0,
+                  order: str | None = None, max_tokens: int | None = None) -> workloads.Workload:
+  """The seeded workload of `preset` at this size; max_tokens (if set) fixes every output cap."""
+  overrides = dict(n_agents=agents, rounds=rounds, seed=seed)
+  if order:
+    overrides["order"] = order
+  if max_tokens:
+    overrides["out_tokens_median"] = max_tokens
+    overrides["out_tokens_clip"] = (max_tokens, max_tokens)
+  return workloads.Workload(workloads.preset(preset, **overrides))
+
+
+def round_loop(sess: RoundSession, builder: PromptBuilder, rounds: int, *, on_round=None,
+               bar=None) -> list[dict]:
+  """Run `rounds` rounds of builder's workload through sess; round r+1's prompts hold the
+  token ids the agents generated in the rounds before it.
+
+  Returns one row per round: `RoundResult.to_json()` plus "private_share".
+  on_round(sess, rnd, res, row, started), if given, runs after each round
+  (started: `time.perf_counter()` just before `run_round`) and may add fields to row.
+  """
+  wl = builder.workload
+  outputs: list[dict[int, list[int]]] = []
+  rows = []
+  for r in range(rounds):
+    rnd = builder.round(r, outputs)
+    started = time.perf_counter()
+    res = sess.run_round(rnd)
+    outputs.append({wl.agents.index(a): ids for a, ids in res.outputs.items()})
+    row = res.to_json()
+    row["private_share"] = round_private_share(rnd)
+    if on_round is not None:
+      on_round(sess, rnd, res, row, started)
+    rows.append(row)
+    if bar is not None:
+      bar.update(1)
+  return rows
+
+
 def run_rounds(params, cfg, tokenizer, rc: RoundRunConfig, *, cache_cfg, attn=None,
                progress: bool = False, on_round=None, mesh=None) -> dict:
   """Run rc.rounds rounds of rc.preset with rc.method; returns the JSON-ready result.
 
-  mesh: None (one device) or a mesh / "data=2,model=3" spec (see `sharding`).
+  on_round(rnd, res), if given, runs after each round. mesh: None (one device)
+  or a mesh / "data=2,model=3" spec (see `sharding`).
   """
-  overrides = dict(n_agents=rc.agents, rounds=rc.rounds, seed=rc.seed)
-  if rc.order:
-    overrides["order"] = rc.order
-  if rc.max_tokens:
-    overrides["out_tokens_median"] = rc.max_tokens
-    overrides["out_tokens_clip"] = (rc.max_tokens, rc.max_tokens)
-  wl = workloads.Workload(workloads.preset(rc.preset, **overrides))
+  wl = make_workload(rc.preset, agents=rc.agents, rounds=rc.rounds, seed=rc.seed,
+                     order=rc.order, max_tokens=rc.max_tokens)
   builder = PromptBuilder(wl, tokenizer)
   policy = ReusePolicy(select=rc.select, recompute=rc.recompute, check_layer=rc.check_layer,
                        epic_k=rc.epic_k, tau=rc.tau, masters=rc.masters)
   sess = RoundSession(params, cfg, method=rc.method, policy=policy, cache_cfg=cache_cfg,
                       attn=attn, quality=rc.quality, mesh=mesh)
-  outputs: list[dict[int, list[int]]] = []
-  rounds = []
+  hook = None if on_round is None else lambda _s, rnd, res, _row, _t0: on_round(rnd, res)
   bar = progress_bar(rc.rounds, enabled=progress, unit="round", desc=rc.method, leave=True)
   start = time.perf_counter()
   try:
-    for r in range(rc.rounds):
-      rnd = builder.round(r, outputs)
-      res = sess.run_round(rnd)
-      by_index = {wl.agents.index(a): ids for a, ids in res.outputs.items()}
-      outputs.append(by_index)
-      row = res.to_json()
-      row["private_share"] = round_private_share(rnd)
-      rounds.append(row)
-      if on_round is not None:
-        on_round(rnd, res)
-      bar.update(1)
+    rounds = round_loop(sess, builder, rc.rounds, on_round=hook, bar=bar)
   finally:
     bar.close()
     sess.close()
