@@ -23,7 +23,7 @@ import numpy as np
 from tokendance_jax import collector, model, selection
 from tokendance_jax.engine import bucket, build_batch
 from tokendance_jax.layout import AgentState
-from tokendance_jax.paging import BlockTable, pages_needed
+from tokendance_jax.paging import NULL_PAGE, BlockTable, pages_needed
 from tokendance_jax.roundctx import pad_pages
 
 __all__ = ["Collector"]
@@ -133,7 +133,7 @@ class Collector:
     scratch = self._scratch_cache(nxt)
     if scratch_of:
       src, dst = zip(*scratch_of.items(), strict=True)
-      scratch = collector.copy_layers(scratch, engine.cache, pad_pages(src, 0),
+      scratch = collector.copy_layers(scratch, engine.cache, pad_pages(src, NULL_PAGE),
                                       pad_pages(dst, scratch.num_pages))
     devs, norms = [], []
     sizes = [len(a.tokens) - a.exact_head for a in agents]

@@ -19,7 +19,7 @@ import numpy as np
 from tokendance_jax import diffstore
 from tokendance_jax.config import CacheConfig, ModelConfig
 from tokendance_jax.engine import Engine, bucket
-from tokendance_jax.paging import PageAllocator
+from tokendance_jax.paging import NULL_PAGE, PageAllocator
 from tokendance_jax.prefix_cache import PrefixCache
 from tokendance_jax.rounds import ReusePolicy
 from tokendance_jax.sampling import SamplingParams
@@ -73,7 +73,7 @@ class RoundContext:
   def copy(self, src: list[int], dst: list[int]) -> None:
     """Copy pages src[i] -> dst[i] in the KV cache, every layer."""
     if src:
-      self.engine.copy_pages(pad_pages(src, 0), pad_pages(dst, self.cache_cfg.num_pages))
+      self.engine.copy_pages(pad_pages(src, NULL_PAGE), pad_pages(dst, self.cache_cfg.num_pages))
 
   def kept_pages(self) -> set[int]:
     """Pages the session holds across waves and rounds (masters, the prefix cache)."""
