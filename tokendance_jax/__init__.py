@@ -21,7 +21,7 @@ from tokendance_jax.config import (
     CacheConfig,
     ModelConfig,
 )
-from tokendance_jax.engine import Engine, GenerationResult
+from tokendance_jax.engine import CacheLost, Engine, GenerationResult
 from tokendance_jax.model import Batch, KVCache, forward, init_params
 from tokendance_jax.paging import BlockTable, OutOfPages, PageAllocator
 from tokendance_jax.sampling import SamplingParams
@@ -33,6 +33,7 @@ __all__ = [
     "Batch",
     "BlockTable",
     "CacheConfig",
+    "CacheLost",
     "Engine",
     "GenerationResult",
     "KVCache",
