@@ -24,8 +24,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from . import attention_body as body
-from . import lowering
+from . import tpu_attention
 from .attention_body import DEFAULT_MASK_VALUE, BlockSizes
+from .lowering import check_compiled_shapes, resolve_lowering
 from .rope import inv_freq as _inv_freq
 
 
@@ -93,7 +94,8 @@ def _check_args(q, k_pages, v_pages, block_tables, positions):
     raise ValueError(f"positions {positions.shape} must be [{q.shape[0]}]")
 
 
-_STATIC = ("rope_theta", "sm_scale", "block_sizes", "interpret", "mask_value", "max_position")
+_STATIC = ("rope_theta", "sm_scale", "block_sizes", "interpret", "mask_value", "max_position",
+           "lowering")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -113,6 +115,7 @@ def paged_decode_attention(
     interpret: bool = False,
     mask_value: float = DEFAULT_MASK_VALUE,
     max_position: int | None = None,
+    lowering: str | None = None,
 ) -> jax.Array:
   """Decode attention over paged, un-rotated keys, split over the context.
 
@@ -133,21 +136,29 @@ def paged_decode_attention(
     rope_theta: RoPE base.
     sm_scale: softmax scale; default 1/sqrt(d).
     block_sizes: tuning (pages per step, splits, rows, warps, stages; block_q unused).
-    interpret: run the Pallas kernel in interpret mode (CPU).
-    max_position: every key position is below it (sizes the cos/sin table);
-      default pages_per_seq * page_size.
+    interpret: run the Pallas kernel in interpret mode (CPU); for the TPU
+      lowering also a `pltpu.InterpretParams`.
+    max_position: every key position is below it (sizes the cos/sin table of
+      the Triton kernel); default pages_per_seq * page_size.
+    lowering: "triton" or "mosaic_tpu" (`tpu_attention`); None picks by the
+      default backend (`lowering.resolve_lowering`).
 
   Returns:
     [batch, n_heads, d].
   """
   _check_args(q, k_pages, v_pages, block_tables, positions)
+  if resolve_lowering(lowering) == "mosaic_tpu":
+    return tpu_attention.paged_decode_attention(
+        q, k_pages, v_pages, block_tables, positions, block_pos=block_pos, block_len=block_len,
+        layer=layer, rope_theta=rope_theta, sm_scale=sm_scale, block_sizes=block_sizes,
+        interpret=interpret, mask_value=mask_value)
   pool_k, pool_v, layer_idx = body.layered(k_pages, v_pages, layer)
   layers, kv_heads, _, page_size, d = pool_k.shape
   batch, n_heads, _ = q.shape
   group = n_heads // kv_heads
   rows = max(block_sizes.min_rows, body.next_pow2(group))
   ppb = body.pages_per_step(block_sizes, page_size)
-  lowering.check_compiled_shapes(head_dim=d, block_k=ppb * page_size, dtype=pool_k.dtype,
+  check_compiled_shapes(head_dim=d, block_k=ppb * page_size, dtype=pool_k.dtype,
                                  interpret=interpret)
   sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
 
@@ -210,9 +221,10 @@ def paged_decode_attention_reference(
     interpret: bool = False,
     mask_value: float = DEFAULT_MASK_VALUE,
     max_position: int | None = None,
+    lowering: str | None = None,
 ) -> jax.Array:
   """Plain-jnp decode attention, same signature (tuning args ignored)."""
-  del block_sizes, interpret, max_position
+  del block_sizes, interpret, max_position, lowering
   _check_args(q, k_pages, v_pages, block_tables, positions)
   pool_k, pool_v, layer_idx = body.layered(k_pages, v_pages, layer)
   k_pages, v_pages = pool_k[layer_idx[0]], pool_v[layer_idx[0]]

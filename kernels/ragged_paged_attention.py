@@ -26,8 +26,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from . import attention_body as body
-from . import lowering
+from . import tpu_attention
 from .attention_body import DEFAULT_MASK_VALUE, BlockSizes
+from .lowering import check_compiled_shapes, check_tpu_shapes, resolve_lowering
 from .rope import inv_freq as _inv_freq
 
 
@@ -105,7 +106,43 @@ def _check_args(q, k_pages, v_pages, block_tables, q_positions, q_seq_ids):
     raise ValueError(f"block_tables must be [num_seqs, pages_per_seq], got {block_tables.shape}")
 
 
-_STATIC = ("rope_theta", "sm_scale", "block_sizes", "interpret", "mask_value", "max_position")
+_STATIC = ("rope_theta", "sm_scale", "block_sizes", "interpret", "mask_value", "max_position",
+           "lowering")
+
+
+def _pack_tiles(q, q_positions, q_seq_ids, num_seqs, block_q, rows, kv_heads, rope_theta,
+                sm_scale, dtype):
+  """Flat queries -> tiles of one sequence: (q_tiles [n_tiles, kv_heads, rows, d] rotated and
+  scaled, pos_tiles [n_tiles, rows] (-1 on padding rows), token_index, tile_seq).
+
+  Row = token * group + head; rows past block_q * group are padding.
+  """
+  t, n_heads, d = q.shape
+  group = n_heads // kv_heads
+  used = block_q * group
+  token_index, tile_seq = tile_plan(q_seq_ids, q_positions, num_seqs, block_q)
+  n_tiles = token_index.shape[0]
+  pos = jnp.concatenate([q_positions.astype(jnp.int32), jnp.full((1,), -1, jnp.int32)])
+  q_rot = body.rotate_queries(q, q_positions[:, None], rope_theta, sm_scale, dtype)
+  q_rot = jnp.pad(q_rot, ((0, 1), (0, 0), (0, 0)))  # token t: the padding query
+  # [n_tiles, block_q, n_heads, d] -> [n_tiles, kv_heads, rows, d], row = token * group + head
+  q_tiles = q_rot[token_index].reshape(n_tiles, block_q, kv_heads, group, d)
+  q_tiles = q_tiles.transpose(0, 2, 1, 3, 4).reshape(n_tiles, kv_heads, used, d)
+  q_tiles = jnp.pad(q_tiles, ((0, 0), (0, 0), (0, rows - used), (0, 0)))
+  pos_tiles = jnp.pad(jnp.repeat(pos[token_index], group, axis=1), ((0, 0), (0, rows - used)),
+                      constant_values=-1)  # [n_tiles, rows]
+  return q_tiles, pos_tiles, token_index, tile_seq
+
+
+def _unpack_tiles(out, token_index, t, group, dtype):
+  """[n_tiles, kv_heads, rows, d] tile outputs -> [t, n_heads, d] in token order."""
+  n_tiles, kv_heads, _, d = out.shape
+  block_q = token_index.shape[1]
+  out = out[:, :, :block_q * group].reshape(n_tiles, kv_heads, block_q, group, d)
+  out = out.transpose(0, 2, 1, 3, 4).reshape(n_tiles * block_q, kv_heads * group, d)
+  flat = jnp.zeros((t + 1, kv_heads * group, d), dtype).at[token_index.reshape(-1)].set(
+      out, mode="drop")
+  return flat[:t]
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -126,6 +163,7 @@ def ragged_paged_attention(
     interpret: bool = False,
     mask_value: float = DEFAULT_MASK_VALUE,
     max_position: int | None = None,
+    lowering: str | None = None,
 ) -> jax.Array:
   """Ragged paged attention with in-kernel RoPE.
 
@@ -145,9 +183,12 @@ def ragged_paged_attention(
     rope_theta: RoPE base.
     sm_scale: softmax scale; default 1/sqrt(d).
     block_sizes: tuning (most tokens per tile, pages per step, rows, warps, stages).
-    interpret: run the Pallas kernel in interpret mode (CPU).
-    max_position: every key position is below it (sizes the cos/sin table);
-      default pages_per_seq * page_size.
+    interpret: run the Pallas kernel in interpret mode (CPU); for the TPU
+      lowering also a `pltpu.InterpretParams`.
+    max_position: every key position is below it (sizes the cos/sin table of
+      the Triton kernel); default pages_per_seq * page_size.
+    lowering: "triton" or "mosaic_tpu" (`tpu_attention`); None picks by the
+      default backend (`lowering.resolve_lowering`).
 
   Returns:
     [t, n_heads, d] attention output; padding rows are zero. Each query sees
@@ -160,24 +201,27 @@ def ragged_paged_attention(
   group = n_heads // kv_heads
   num_seqs = block_tables.shape[0]
   block_q = tile_tokens(block_sizes.block_q, t, num_seqs)
-  used = block_q * group
-  rows = max(block_sizes.min_rows, body.next_pow2(used))
-  ppb = body.pages_per_step(block_sizes, page_size)
-  lowering.check_compiled_shapes(head_dim=d, block_k=ppb * page_size, dtype=pool_k.dtype,
-                                 interpret=interpret)
   sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+  tpu = resolve_lowering(lowering) == "mosaic_tpu"
+  if tpu:  # rows in whole sublane tiles
+    check_tpu_shapes(head_dim=d, page_size=page_size, dtype=pool_k.dtype)
+    rows = tpu_attention.round_rows(block_q * group, pool_k.dtype, block_sizes.min_rows)
+  else:  # Triton: a power of two
+    rows = max(block_sizes.min_rows, body.next_pow2(block_q * group))
+  q_tiles, pos_tiles, token_index, tile_seq = _pack_tiles(
+      q, q_positions, q_seq_ids, num_seqs, block_q, rows, kv_heads, rope_theta, sm_scale,
+      pool_k.dtype)
+  if tpu:
+    out = tpu_attention.ragged_paged_attention(
+        q_tiles, pos_tiles, tile_seq, pool_k, pool_v, layer_idx, block_tables, block_pos,
+        block_len, rope_theta=rope_theta, block_sizes=block_sizes, interpret=interpret,
+        mask_value=mask_value)
+    return _unpack_tiles(out, token_index, t, group, q.dtype)
 
-  token_index, tile_seq = tile_plan(q_seq_ids, q_positions, num_seqs, block_q)
+  ppb = body.pages_per_step(block_sizes, page_size)
+  check_compiled_shapes(head_dim=d, block_k=ppb * page_size, dtype=pool_k.dtype,
+                        interpret=interpret)
   n_tiles = token_index.shape[0]
-  pos = jnp.concatenate([q_positions.astype(jnp.int32), jnp.full((1,), -1, jnp.int32)])
-  q_rot = body.rotate_queries(q, q_positions[:, None], rope_theta, sm_scale, pool_k.dtype)
-  q_rot = jnp.pad(q_rot, ((0, 1), (0, 0), (0, 0)))  # token t: the padding query
-  # [n_tiles, block_q, n_heads, d] -> [n_tiles, kv_heads, rows, d], row = token * group + head
-  q_tiles = q_rot[token_index].reshape(n_tiles, block_q, kv_heads, group, d)
-  q_tiles = q_tiles.transpose(0, 2, 1, 3, 4).reshape(n_tiles, kv_heads, used, d)
-  q_tiles = jnp.pad(q_tiles, ((0, 0), (0, 0), (0, rows - used), (0, 0)))
-  pos_tiles = jnp.pad(jnp.repeat(pos[token_index], group, axis=1), ((0, 0), (0, rows - used)),
-                      constant_values=-1)  # [n_tiles, rows]
   tables, starts, lens = body.block_layout(block_tables, block_pos, block_len, page_size, ppb)
   tables, starts, lens = tables[tile_seq], starts[tile_seq], lens[tile_seq]
   width = tables.shape[1]
@@ -202,12 +246,7 @@ def ragged_paged_attention(
       compiler_params=block_sizes.compiler_params(),
       name="ragged_paged_attention",
   )(q_tiles, pos_tiles, layer_idx, pool_k, pool_v, tables, starts, lens, cos, sin)
-
-  # [n_tiles, kv_heads, rows, d] -> scatter rows back to flat tokens.
-  out = out[:, :, :used].reshape(n_tiles, kv_heads, block_q, group, d)
-  out = out.transpose(0, 2, 1, 3, 4).reshape(n_tiles * block_q, n_heads, d)
-  flat = jnp.zeros((t + 1, n_heads, d), q.dtype).at[token_index.reshape(-1)].set(out, mode="drop")
-  return flat[:t]
+  return _unpack_tiles(out, token_index, t, group, q.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -228,13 +267,14 @@ def ragged_paged_attention_reference(
     interpret: bool = False,
     mask_value: float = DEFAULT_MASK_VALUE,
     max_position: int | None = None,
+    lowering: str | None = None,
 ) -> jax.Array:
   """Plain-jnp ragged paged attention, same signature (tuning args ignored).
 
   Works sequence-chunk by chunk with `lax.map` so memory stays bounded: each
   step gathers one tile's sequence pages densely and attends.
   """
-  del interpret, max_position
+  del interpret, max_position, lowering
   g = _gather_sequences(q, k_pages, v_pages, block_tables, q_positions, q_seq_ids, block_pos,
                         block_len, layer, rope_theta, sm_scale, max(block_sizes.block_q, 64))
 
@@ -267,6 +307,7 @@ def ragged_paged_attention_chunked(
     interpret: bool = False,
     mask_value: float = DEFAULT_MASK_VALUE,
     max_position: int | None = None,
+    lowering: str | None = None,
     block_k: int = 256,
 ) -> jax.Array:
   """Ragged paged attention in plain jnp that skips the keys no query of a tile can see.
@@ -279,7 +320,7 @@ def ragged_paged_attention_chunked(
   the whole padded context: on a scattered recompute that is ~2x the causal
   work plus the padding to the widest sequence.
   """
-  del interpret, max_position
+  del interpret, max_position, lowering
   g = _gather_sequences(q, k_pages, v_pages, block_tables, q_positions, q_seq_ids, block_pos,
                         block_len, layer, rope_theta, sm_scale, max(block_sizes.block_q, 64))
   ctx = g.k_seq.shape[2]

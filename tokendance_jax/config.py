@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from tokendance_jax.kernels.lowering import LOWERINGS
+
 IMPLS = ("chunked", "reference", "pallas")  # attention implementations
 
 
@@ -154,6 +156,10 @@ class AttentionConfig:
   on GPU it is XLA's fused path, measured faster than the old kernels);
   impl="pallas" runs the Pallas kernels, with interpret=True on CPU.
 
+  lowering: the kernels' lowering, "triton" (GPU) or "mosaic_tpu" (TPU);
+  None picks by the default backend (`kernels.lowering.resolve_lowering`).
+  With interpret=True, "mosaic_tpu" runs Pallas' TPU interpret mode.
+
   tuning: a `kernels.tuning.DeviceTuning` whose block sizes the kernels use;
   None uses `block_q` / `pages_per_block` with the other knobs at their
   defaults (the tests' and CPU's way).
@@ -164,10 +170,14 @@ class AttentionConfig:
   block_q: int = 16
   pages_per_block: int = 4
   tuning: Any = None
+  lowering: str | None = None
 
   def __post_init__(self):
     if self.impl not in IMPLS:
       raise ValueError(f"attention impl={self.impl!r}; expected one of {', '.join(IMPLS)}")
+    if self.lowering not in (None, *LOWERINGS):
+      raise ValueError(f"attention lowering={self.lowering!r}; expected one of "
+                       f"{', '.join(LOWERINGS)} (or None: by backend)")
 
   @classmethod
   def default_for_backend(cls, backend: str | None = None, *, force_kernel: bool = False,
@@ -179,6 +189,8 @@ class AttentionConfig:
     otherwise XLA's fused jnp path (impl="reference"), which the only GPU
     measurement so far (docs/results/kernel_bench_h100.json) shows faster.
     force_kernel picks the kernels anyway (tuned for the device kind).
+    TPU: the Mosaic TPU kernels (`kernels.tpu_attention`); the jnp paths'
+    HIGHEST-precision einsums are slow there.
     CPU and the rest: the chunked jnp path, or the kernels in interpret mode
     with force_kernel.
     """
@@ -194,6 +206,8 @@ class AttentionConfig:
       if force_kernel or tuned.kernel_faster:
         return cls(impl="pallas", tuning=tuned)
       return cls(impl="reference")
+    if backend == "tpu":
+      return cls(impl="pallas", lowering="mosaic_tpu")
     if force_kernel:
       return cls(impl="pallas", interpret=True)
     return cls(impl="chunked")

@@ -88,6 +88,7 @@ def attention_args(q, cache_k, cache_v, layer, batch: Batch, cfg: ModelConfig,
                 block_pos=batch.block_pos, block_len=batch.block_len)
   if attn.impl == "pallas":
     common["interpret"] = attn.interpret
+    common["lowering"] = attn.lowering
   args = (q, cache_k, cache_v, batch.block_tables, batch.positions)
   if not decode:
     args += (batch.seq_ids,)
