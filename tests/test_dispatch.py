@@ -78,6 +78,7 @@ def test_attention_args_take_the_tuned_block_sizes():
 
 def test_cache_dtype_per_backend():
   assert default_cache_dtype("gpu") == "bfloat16"
+  assert default_cache_dtype("tpu") == "bfloat16"
   assert default_cache_dtype("cpu") == "float32"
 
 

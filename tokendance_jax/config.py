@@ -132,16 +132,17 @@ class CacheConfig:
 
 
 def default_cache_dtype(backend: str | None = None) -> str:
-  """The K/V cache (and weight) dtype to use on a backend: bfloat16 on GPU, float32 elsewhere.
+  """The K/V cache (and weight) dtype to use on a backend: bfloat16 on GPU and TPU, else float32.
 
   bfloat16 puts the attention and model matmuls on the GPU's tensor cores
-  (float32 accumulation); CPU runs and the tests stay in float32.
+  and the TPU's MXU (float32 accumulation), and halves the pages' bytes;
+  CPU runs and the tests stay in float32.
   `CacheConfig.dtype` keeps its float32 default: callers that build a
   cache for the current backend pass `dtype=default_cache_dtype()`.
   """
   import jax
 
-  return "bfloat16" if (backend or jax.default_backend()) == "gpu" else "float32"
+  return "bfloat16" if (backend or jax.default_backend()) in ("gpu", "tpu") else "float32"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
