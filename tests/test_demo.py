@@ -52,4 +52,4 @@ def test_the_demo_runs_prefix_then_tokendance_on_the_defaults():
   args = cli.build_parser().parse_args(["demo"])
   bc = demo.demo_config(args)
   assert (bc.preset, bc.agents, bc.rounds) == ("agent_society", [16], 2)
-  assert (bc.select, bc.recompute, bc.masters) == ("block", 0.05, ["context"])
+  assert (bc.select, bc.recompute, bc.masters) == ("block", 0.10, ["context"])

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import time
 
-# The demo's defaults (the `demo` subcommand's flags override them).
+# The demo's defaults (the `demo` subcommand's flags override them). Recompute is 10%, not
+# the library's 5%: at 16 agents 5% misses the quality bar (forced top-1 0.984) and 10% is
+# the lowest fraction measured to hold it (1.000, 4 agents judged; README, "Storage").
 DEFAULTS = dict(preset="agent_society", agents=16, rounds=2, max_tokens=16, select="block",
-                recompute=0.05, eval_agents=4)
+                recompute=0.10, eval_agents=4)
 DEMO_METHODS = ("prefix", "tokendance")  # the baseline, then ours
 
 
