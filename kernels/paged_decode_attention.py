@@ -159,7 +159,7 @@ def paged_decode_attention(
   rows = max(block_sizes.min_rows, body.next_pow2(group))
   ppb = body.pages_per_step(block_sizes, page_size)
   check_compiled_shapes(head_dim=d, block_k=ppb * page_size, dtype=pool_k.dtype,
-                                 interpret=interpret)
+                        interpret=interpret)
   sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
 
   pos = positions.astype(jnp.int32)

@@ -228,8 +228,8 @@ def attend_tiles(q_tiles, pos_tiles, tile_seq, pool_k, pool_v, layer_idx, tables
       interpret=tpu_interpret(interpret),
       name=name,
   )(tables.reshape(-1), starts.reshape(-1), lens.reshape(-1), tile_seq.astype(jnp.int32),
-    steps, max_pos, layer_idx, q_tiles, pos_tiles, freq, rotate_half_matrix(d, pool_k.dtype), pool_k,
-    pool_v)
+    steps, max_pos, layer_idx, q_tiles, pos_tiles, freq, rotate_half_matrix(d, pool_k.dtype),
+    pool_k, pool_v)
 
 
 def round_rows(n: int, dtype, min_rows: int = 1) -> int:

@@ -40,8 +40,9 @@ def _release_compiled_code():
   compiler died with a segmentation fault about two thirds of the way
   through, when a mapping failed. Past half the limit, the caches are
   cleared (not after every module: modules share compiled steps, and a
-  fresh-clone run that cleared after every module took 2,035 s of tests); if the count is still past 80%
-  after that, the module fails here with a message instead of a crash.
+  fresh-clone run that cleared after every module took 2,035 s of tests);
+  if the count is still past 80% after that, the module fails here with a
+  message instead of a crash.
   """
   yield
   regions = _mapped_regions()
