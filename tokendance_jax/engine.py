@@ -8,6 +8,13 @@ running sequence. Sequences join and leave between steps. Shapes are padded to
 power-of-two buckets so a steady state never recompiles, and each step makes a
 single device-to-host copy (the sampled tokens).
 
+With `prefix_caching`, full blocks of every computed sequence enter a
+`prefix_cache.PrefixCache` (vLLM's hash chain, reference counts, LRU eviction
+of pages only the cache holds), and a new sequence's leading blocks found
+there are not computed again (`Sequence.cached_tokens`). Matching runs when a
+sequence is admitted and again before its first prefill chunk, so requests
+admitted together still reuse the blocks the first of them computes.
+
 When the pool runs out of pages the newest running sequence is preempted:
 its pages are freed and it is re-queued to recompute later; no other
 sequence's pages are touched. An adopted sequence (a round's agent, whose
@@ -35,6 +42,7 @@ import numpy as np
 from tokendance_jax import collector, model, sampling, sharding
 from tokendance_jax.config import AttentionConfig, CacheConfig, ModelConfig
 from tokendance_jax.paging import BlockTable, OutOfPages, PageAllocator, pages_needed
+from tokendance_jax.prefix_cache import PrefixCache
 from tokendance_jax.progress import bar as progress_bar
 from tokendance_jax.sampling import SamplingParams
 
@@ -50,6 +58,9 @@ class Sequence:
   finish_reason: str | None = None
   retain: bool = False  # keep the pages when finished (the caller takes them over)
   keep_blocks: int = 0  # leading blocks a preemption leaves in place (an adopted prompt)
+  cached_tokens: int = 0  # leading prompt tokens whose K/V came from the prefix cache
+  cached_blocks: int = 0  # leading blocks taken from the prefix cache
+  inserted_blocks: int = 0  # leading blocks already offered to the prefix cache
 
   @property
   def output(self) -> list[int]:
@@ -125,11 +136,13 @@ class Engine:
     max_prefill_tokens: tokens per prefill step (longer prompts are chunked).
     mesh: None (one device), or a `jax.sharding.Mesh`, "data=2,model=3" spec or
       `sharding.MeshPlan`: params, pool and batches are then placed per its rules.
+    prefix_caching: reuse full blocks of earlier sequences with the same leading tokens
+      (`self.prefix`; see the module docstring).
   """
 
   def __init__(self, params, cfg: ModelConfig, *, cache_cfg: CacheConfig = CacheConfig(),
                attn: AttentionConfig | None = None, max_batch: int = 32,
-               max_prefill_tokens: int = 512, mesh=None):
+               max_prefill_tokens: int = 512, mesh=None, prefix_caching: bool = False):
     if max_batch < 1 or max_prefill_tokens < 16:
       raise ValueError(f"max_batch={max_batch} must be >= 1 and "
                        f"max_prefill_tokens={max_prefill_tokens} >= 16")
@@ -141,6 +154,7 @@ class Engine:
     self.cache = self._new_cache()
     self.cache_epoch = 0  # bumped each time the cache is lost (`CacheLost`)
     self.allocator = PageAllocator(cache_cfg.num_pages)
+    self.prefix = PrefixCache(self.allocator) if prefix_caching else None
     self.waiting: collections.deque[Sequence] = collections.deque()
     self.running: list[Sequence] = []
     self.finished: dict[int, Sequence] = {}
@@ -244,6 +258,10 @@ class Engine:
     self._admit()
     if not self.running:
       return
+    if self.prefix is not None:  # blocks a sequence admitted with this one has computed since
+      for seq in self.running:
+        if not seq.retain and seq.num_computed == seq.cached_tokens and seq.pending > 1:
+          self._match_prefix(seq)
     prefill = [s for s in self.running if s.pending > 1]
     if prefill:
       self._run(self._pack_prefill(prefill), decode=False)
@@ -254,6 +272,8 @@ class Engine:
   def _admit(self) -> None:
     while self.waiting and len(self.running) < self.max_batch:
       seq = self.waiting[0]
+      if self.prefix is not None and not seq.table.pages:
+        self._match_prefix(seq)
       try:
         seq.table.ensure(len(seq.tokens), self.allocator)
       except OutOfPages:
@@ -261,6 +281,39 @@ class Engine:
           raise
         return
       self.running.append(self.waiting.popleft())
+
+  def _match_prefix(self, seq: Sequence) -> None:
+    """Serve seq's leading full blocks from the prefix cache where it holds them.
+
+    Only blocks before the prompt's last token are matched: that token must be
+    computed, its logits sample the first output. Blocks past those already
+    taken replace the table's fresh pages (or start an empty table).
+    """
+    ps = self.cache_cfg.page_size
+    blocks = [tuple(seq.prompt[i:i + ps]) for i in range(0, (len(seq.prompt) - 1) // ps * ps, ps)]
+    if len(self.prefix.peek(blocks)) <= seq.cached_blocks:
+      return
+    hits = self.prefix.match(blocks)  # one reference on each, including those seq holds
+    self.allocator.free(hits[:seq.cached_blocks])
+    new = hits[seq.cached_blocks:]
+    if not new:
+      return
+    if seq.table.pages:
+      seq.table.replace_pages(seq.cached_blocks, new, self.allocator)
+    else:
+      seq.table.append_segment(new, len(new) * ps)
+    seq.cached_blocks = len(hits)
+    seq.cached_tokens = seq.num_computed = len(hits) * ps
+    seq.inserted_blocks = max(seq.inserted_blocks, len(hits))
+
+  def _cache_blocks(self, seq: Sequence) -> None:
+    """Offer seq's newly completed full blocks to the prefix cache."""
+    ps = self.cache_cfg.page_size
+    full = seq.num_computed // ps
+    if full > seq.inserted_blocks and not seq.retain:
+      self.prefix.insert([tuple(seq.tokens[i * ps:(i + 1) * ps]) for i in range(full)],
+                         seq.table.pages[:full])
+      seq.inserted_blocks = full
 
   def _pack_prefill(self, seqs: list[Sequence]) -> list[tuple[Sequence, int]]:
     """Chunks (seq, n_tokens) filling at most max_prefill_tokens."""
@@ -301,7 +354,7 @@ class Engine:
       seq.num_computed = len(seq.prompt)
     else:
       seq.table.release(self.allocator)
-      seq.num_computed = 0
+      seq.num_computed = seq.cached_tokens = seq.cached_blocks = seq.inserted_blocks = 0
     self.running.remove(seq)
     self.waiting.appendleft(seq)
     self.num_preemptions += 1
@@ -320,6 +373,8 @@ class Engine:
     tokens = np.asarray(tokens)  # the step's one device-to-host copy
     for r, (seq, n) in enumerate(chunks):
       seq.num_computed += n
+      if self.prefix is not None:
+        self._cache_blocks(seq)
       if r in sampled_rows:
         self._append(seq, int(tokens[r]))
 
@@ -386,6 +441,8 @@ class Engine:
       lost = [seq.seq_id for seq in itertools.chain(self.waiting, self.running)]
       for seq_id in lost:
         self.abort(seq_id)
+      if self.prefix is not None:  # its pages hold zeros in the new cache
+        self.prefix.clear()
       self.cache = self._new_cache()
       self.cache_epoch += 1
       raise CacheLost(lost, e) from e

@@ -39,9 +39,10 @@ class PageAllocator:
     self._refcount = np.zeros(num_pages, np.int32)
     # A stack: recently freed pages are reused first (warm in cache).
     self._free = list(range(num_pages - 1, 0, -1))
-    # Called with the number of pages missing before OutOfPages is raised; a
-    # cache of evictable pages (prefix caching) frees what it can here.
-    self.reclaim = None
+    # Called in order with the number of pages still missing before OutOfPages is
+    # raised; caches of evictable pages (the prefix cache, kept masters) free what
+    # they can here (`add_reclaimer`).
+    self._reclaimers: list = []
 
   @property
   def num_free(self) -> int:
@@ -54,12 +55,19 @@ class PageAllocator:
   def refcount(self, page: int) -> int:
     return int(self._refcount[page])
 
+  def add_reclaimer(self, fn) -> None:
+    """Register `fn(missing_pages) -> pages freed`, asked (after those added before it)
+    when an allocation finds too few free pages."""
+    self._reclaimers.append(fn)
+
   def alloc(self, n: int) -> list[int]:
     """n fresh pages with refcount 1, or OutOfPages (all or nothing)."""
     if n < 0:
       raise ValueError(f"cannot allocate n={n} pages")
-    if n > len(self._free) and self.reclaim is not None:
-      self.reclaim(n - len(self._free))
+    for reclaim in self._reclaimers:
+      if n <= len(self._free):
+        break
+      reclaim(n - len(self._free))
     if n > len(self._free):
       raise OutOfPages(n, len(self._free))
     pages = [self._free.pop() for _ in range(n)]
@@ -199,6 +207,16 @@ class BlockTable:
       raise IndexError(f"positions {bad[:5].tolist()} have no slot in this block table")
     pages = np.asarray(self.pages, np.int64)
     return (pages[j] * self.page_size + positions - starts[j]).astype(np.int32)
+
+  def replace_pages(self, first: int, pages: list[int], allocator: PageAllocator) -> None:
+    """Point blocks first.. at `pages` (references already held), freeing the pages they
+    listed: e.g. blocks found in a prefix cache after the table was laid out."""
+    if not 0 <= first <= first + len(pages) <= len(self.pages):
+      raise ValueError(f"blocks {first}..{first + len(pages) - 1} outside the table's "
+                       f"{len(self.pages)} blocks")
+    old = self.pages[first:first + len(pages)]
+    self.pages[first:first + len(pages)] = list(pages)
+    allocator.free(old)
 
   def truncate(self, num_blocks: int, allocator: PageAllocator) -> None:
     """Drop every block after the first `num_blocks` (freeing their pages)."""

@@ -30,7 +30,7 @@ class PrefixCache:
     self.entries: collections.OrderedDict[str, int] = collections.OrderedDict()
     self.hits = 0
     self.misses = 0
-    allocator.reclaim = self.evict
+    allocator.add_reclaimer(self.evict)
 
   def _hit_chain(self, blocks: list[tuple[int, ...]]) -> list[tuple[str, int]]:
     """(key, page) of each block of the longest cached prefix of `blocks`."""

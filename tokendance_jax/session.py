@@ -102,7 +102,7 @@ class RoundSession:
     self.masters = diffstore.MasterRegistry(self.allocator)
     self.keep_masters, self.keep_logprobs, self.quality = keep_masters, keep_logprobs, quality
     if keep_masters:
-      self.allocator.reclaim = self.masters.evict
+      self.allocator.add_reclaimer(self.masters.evict)
     self.prefix = PrefixCache(self.allocator) if method == "prefix" else None
     self.ctx = RoundContext(self.engine, cfg, cache_cfg, policy, self.masters, self.prefix,
                             sampling, want_logits=quality or keep_logprobs, progress=progress)
