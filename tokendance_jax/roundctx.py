@@ -50,6 +50,8 @@ class RoundContext:
   # (phase, t0, t1) perf_counter windows of the last round's prefill phases, for
   # profiling (benchmarks attribute compile time and FLOPs to them)
   timeline: list[tuple[str, float, float]] = dataclasses.field(default_factory=list)
+  # each agent's own sampling parameters (a server's requests), instead of `sampling`
+  agent_params: list[SamplingParams] | None = None
 
   @property
   def allocator(self) -> PageAllocator:
@@ -60,7 +62,10 @@ class RoundContext:
     return self.cache_cfg.page_size
 
   def sampling_for(self, i: int, max_tokens: int = 1) -> SamplingParams:
-    """Agent i's sampling parameters: the session's, with a seed of its own."""
+    """Agent i's sampling parameters: its own (`agent_params`), or the session's with a
+    seed of its own."""
+    if self.agent_params is not None:
+      return self.agent_params[i]
     s = self.sampling
     return dataclasses.replace(s, max_tokens=max_tokens, seed=(s.seed + 7919 * i) % (1 << 32))
 

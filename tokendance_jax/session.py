@@ -84,19 +84,26 @@ class RoundSession:
       when the pool runs short) instead of dropping them; for request streams
       (chat) where a shared segment comes back after rounds without it.
     mesh: None (one device) or a mesh / spec / `sharding.MeshPlan` (see `Engine`).
+    engine: run on this engine's pool and scheduler instead of an engine of its own (a
+      server's: its requests and the session's agents then share one page pool);
+      `cache_cfg`, `attn`, `max_prefill_tokens` and `mesh` are the engine's.
   """
 
   def __init__(self, params, cfg: ModelConfig, *, method: str = "tokendance",
                policy: ReusePolicy = ReusePolicy(), cache_cfg: CacheConfig = CacheConfig(),
                attn: AttentionConfig | None = None, sampling: SamplingParams = SamplingParams(),
                quality: bool = True, max_prefill_tokens: int = 4096, progress: bool = False,
-               mesh=None, keep_masters: bool = False, keep_logprobs: bool = False):
+               mesh=None, keep_masters: bool = False, keep_logprobs: bool = False,
+               engine: Engine | None = None):
     self.strategy, policy = make_method(method, policy)
     if policy.check_layer >= cfg.n_layers:
       raise ValueError(f"check_layer={policy.check_layer} must be < n_layers={cfg.n_layers}")
+    if engine is None:
+      engine = Engine(params, cfg, cache_cfg=cache_cfg, attn=attn, max_batch=1 << 20,
+                      max_prefill_tokens=max_prefill_tokens, mesh=mesh)
+    cache_cfg = engine.cache_cfg
     self.cfg, self.method, self.policy, self.cache_cfg = cfg, method, policy, cache_cfg
-    self.engine = Engine(params, cfg, cache_cfg=cache_cfg, attn=attn, max_batch=1 << 20,
-                         max_prefill_tokens=max_prefill_tokens, mesh=mesh)
+    self.engine = engine
     self.params = self.engine.params  # placed on the mesh when there is one
     self.attn, self.allocator = self.engine.attn, self.engine.allocator
     self.masters = diffstore.MasterRegistry(self.allocator)
@@ -147,6 +154,39 @@ class RoundSession:
     self.masters.clear()
     if self.prefix is not None:
       self.prefix.clear()
+
+  def prefill_wave(self, rnd: Round, params: list[SamplingParams]):
+    """Stages 1-7 for the first wave of `rnd` that fits the pool, without decode.
+
+    For a caller that decodes in the engine itself (the server's implicit rounds):
+    it adopts each agent (`Engine.adopt`) and releases its table when done
+    (`layout.release`). `params` are the agents' own sampling parameters. Returns
+    (indices of the admitted prompts, their `AgentState`s, first tokens, stats).
+    Bad input raises ValueError; an agent that cannot fit alone, OutOfPages.
+    Only masters made here outlive a failure.
+    """
+    try:
+      rnd = rnd.resolve(self.known)
+      rnd.validate(self.cfg)
+      stats = new_stats()
+      self.ctx.timeline = []
+      if self.strategy.reuses_masters:
+        self.builder.build(rnd, stats)
+      wave = self._plan_waves(rnd)[0]
+      self.ctx.agent_params = [params[i] for i in wave]
+      agents = layout_wave([rnd.prompts[i] for i in wave], self.strategy, self.ctx)
+      try:
+        first, _ = self.strategy.prefill(agents, self.ctx, self.collector, stats)
+      except BaseException:
+        release(agents, self.allocator)
+        raise
+      return wave, agents, first, stats
+    except CacheLost:
+      self.close()
+      raise
+    finally:
+      self.builder.unpin()
+      self.ctx.agent_params = None
 
   def _run_round(self, rnd: Round) -> RoundResult:
     rnd = rnd.resolve(self.known)  # stage 1

@@ -1,0 +1,123 @@
+"""Implicit rounds on the engine's pool: chunk-level reuse for unmarked prompts (tiny model)."""
+
+import jax
+import numpy as np
+import pytest
+
+from tokendance_jax import model
+from tokendance_jax.chunking import ChunkConfig
+from tokendance_jax.config import TINY, CacheConfig
+from tokendance_jax.engine import Engine
+from tokendance_jax.implicit import ImplicitRounds, Request, segments
+from tokendance_jax.rounds import ReusePolicy, Segment, segment_key
+from tokendance_jax.sampling import SamplingParams
+
+CHUNKS = ChunkConfig(avg=16, min_len=8, max_len=64, window=4)
+SP = SamplingParams(max_tokens=5, ignore_eos=True)
+CC = CacheConfig(num_pages=128, page_size=8)
+
+
+@pytest.fixture(scope="module")
+def params():
+  return model.init_params(TINY, jax.random.PRNGKey(0))
+
+
+def _ids(seed, n):
+  return [int(t) for t in np.random.default_rng(seed).integers(3, TINY.vocab_size, size=n)]
+
+
+SYSTEM, OUTS = _ids(1, 48), [_ids(10 + i, 40) for i in range(3)]
+
+
+def _prompt(i):
+  """Agent i: the system prompt, the other agents' outputs, its own question."""
+  others = [t for j, o in enumerate(OUTS) if j != i for t in o]
+  return SYSTEM + others + _ids(20 + i, 12)
+
+
+def _decode(eng, admitted):
+  while eng.has_unfinished():
+    eng.step()
+  return {a.index: eng.pop_finished(a.seq.seq_id).output_ids for a in admitted}
+
+
+def _full(params, prompts):
+  return [Engine(params, TINY, cache_cfg=CC).generate([p], SP)[0].output_ids for p in prompts]
+
+
+def test_segments_share_chunks_seen_twice_and_keep_the_last_private():
+  reqs = [Request(_prompt(i), SP) for i in range(3)]
+  segs = segments(reqs, lambda k: False, CHUNKS)
+  for r, s in zip(reqs, segs, strict=True):
+    assert [t for seg in s for t in seg.tokens] == r.ids
+    assert not s[-1].shared
+  shared = {seg.key for s in segs for seg in s if seg.shared}
+  keys = [{seg.key for seg in s} for s in segs]
+  assert shared and all(sum(k in ks for ks in keys) >= 2 for k in shared)
+  alone = segments(reqs[:1], lambda k: False, CHUNKS)[0]
+  assert not any(s.shared for s in alone)  # nothing seen twice, no master
+  marked = [Segment(tuple(SYSTEM), shared=True), Segment((5, 6, 7))]
+  assert segments([Request([], SP, segments=marked)], lambda k: False, CHUNKS) == [marked]
+
+
+def test_recompute_everything_equals_full_prefill(params):
+  prompts = [_prompt(i) for i in range(3)]
+  eng = Engine(params, TINY, cache_cfg=CC)
+  ir = ImplicitRounds(eng, ReusePolicy(recompute=1.0), CHUNKS)
+  admitted = ir.prefill([Request(p, SP) for p in prompts])
+  assert sorted(a.index for a in admitted) == [0, 1, 2]
+  assert sum(a.chunk_hit_tokens for a in admitted) == 0  # nothing existed before the step
+  got = _decode(eng, admitted)
+  assert [got[i] for i in range(3)] == _full(params, prompts)
+  for a in admitted:
+    ir.release(a.agent)
+  assert eng.allocator.num_used == ir.masters.num_pages
+  ir.masters.clear()
+  assert eng.allocator.num_used == 0
+  eng.allocator.check_invariants()
+
+
+def test_a_later_request_reads_masters_and_computes_less(params):
+  eng = Engine(params, TINY, cache_cfg=CC)
+  ir = ImplicitRounds(eng, ReusePolicy(recompute=0.1), CHUNKS)
+  first = ir.prefill([Request(_prompt(0), SP)])  # alone: every chunk private, then a master
+  assert first[0].computed_tokens == len(_prompt(0))
+  _decode(eng, first)
+  ir.release(first[0].agent)
+  assert len(ir.masters.masters) >= 3
+  later = ir.prefill([Request(_prompt(0)[:-12] + _ids(99, 12), SP)])
+  a = later[0]
+  assert a.chunk_hit_tokens > len(SYSTEM)
+  assert a.computed_tokens < 0.5 * a.agent.num_prompt
+  _decode(eng, later)
+  ir.release(a.agent)
+  assert eng.allocator.num_used == ir.masters.num_pages
+
+
+def test_a_private_chunk_master_records_its_exact_context(params):
+  eng = Engine(params, TINY, cache_cfg=CC)
+  ir = ImplicitRounds(eng, ReusePolicy(), CHUNKS)
+  p = _prompt(1)
+  adm = ir.prefill([Request(p, SP)])
+  _decode(eng, adm)
+  ir.release(adm[0].agent)
+  first_seg = adm[0].agent.seg_spans[0][2]
+  assert ir.masters.get(first_seg.key).context == segment_key(())  # at 0, fully computed
+
+
+def test_prompts_that_do_not_fit_wait_and_nothing_leaks(params):
+  eng = Engine(params, TINY, cache_cfg=CacheConfig(num_pages=40, page_size=8))
+  ir = ImplicitRounds(eng, ReusePolicy(), CHUNKS)
+  reqs = [Request(_prompt(i), SP) for i in range(3)]
+  admitted = ir.prefill(reqs)
+  assert 0 < len(admitted) < 3
+  _decode(eng, admitted)
+  for a in admitted:
+    ir.release(a.agent)
+  rest = ir.prefill([reqs[i] for i in range(3) if i not in {a.index for a in admitted}])
+  assert rest
+  _decode(eng, rest)
+  for a in rest:
+    ir.release(a.agent)
+  assert eng.allocator.num_used == ir.masters.num_pages
+  eng.allocator.check_invariants()
