@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokendance_jax.serve.config import ServerConfig
 from tokendance_jax.serve.errors import ApiError
-from tokendance_jax.serve.metrics import prometheus_text
+from tokendance_jax.serve.metrics import CONTENT_TYPE_LATEST, MetricsExporter
 from tokendance_jax.serve.openai_api import add_openai_routes
 from tokendance_jax.serve.rounds_api import add_session_routes
 from tokendance_jax.serve.worker import Worker
@@ -126,11 +126,15 @@ def _add_ops_routes(app: FastAPI, worker: Worker) -> None:
     return {"status": "ok", "model": worker.config.model_name,
             "queue_depth": worker.queue_depth, "sessions": len(worker.sessions)}
 
+  exporter = MetricsExporter(worker.metrics)  # one registry per app, never the global one
+
+  def read_gauges() -> dict[str, int]:
+    return {"sessions": len(worker.sessions), **worker.gauges()}
+
   @app.get("/metrics", response_class=PlainTextResponse)
   async def metrics():
-    gauges = await worker.call(worker.gauges, bounded=False)
-    return PlainTextResponse(prometheus_text(worker, gauges),
-                             media_type="text/plain; version=0.0.4")
+    gauges = await worker.call(read_gauges, bounded=False)  # on the worker thread
+    return PlainTextResponse(exporter.render(gauges), media_type=CONTENT_TYPE_LATEST)
 
 
 # -- running it --------------------------------------------------------------------------
