@@ -75,6 +75,13 @@ def test_budget_and_the_admission_bound():
   assert selection.max_forked_blocks(prompt, ReusePolicy(recompute=0.1), 8) == 4
   assert selection.max_forked_blocks(prompt, ReusePolicy(recompute=1.0), 8) == 5
   assert selection.max_forked_blocks(prompt, ReusePolicy(select="epic", epic_k=3), 8) == 1
+  # block selection takes whole pages: 10% of 400 shared tokens is 40 tokens, 5 full pages,
+  # plus the segments' short last pages and the exact head's page
+  long = AgentPrompt("b", [Segment(tuple(range(400)), shared=True), Segment((1, 2, 3), shared=True),
+                           Segment((9,))])
+  assert selection.max_forked_blocks(long, ReusePolicy(recompute=0.1), 8) == 5 + 2 + 2
+  assert selection.max_forked_blocks(long, ReusePolicy(select="cacheblend", recompute=0.1), 8) \
+      == 40
 
 
 def test_every_method_name_has_a_strategy():

@@ -41,6 +41,7 @@ class ByteTokenizer:
   """
 
   SPECIAL = {"<|im_start|>": 1, "<|im_end|>": 2}
+  special_ids = (1, 2)
   _SPLIT = re.compile("(" + "|".join(re.escape(s) for s in SPECIAL) + ")")
 
   def encode(self, text: str) -> list[int]:
@@ -73,8 +74,19 @@ def params():
   return model.init_params(TINY, jax.random.PRNGKey(0))
 
 
-def _server(params, max_batch=16, **config):
-  engine = Engine(params, TINY, cache_cfg=POOL, max_batch=max_batch)
+def _assert_no_leaks(worker):
+  """Every page in use is held by the prefix cache or a master, and by nothing else."""
+  e = worker.engine
+  held = list(e.prefix.entries.values()) if e.prefix is not None else []
+  if worker.implicit is not None:
+    held += [p for m in worker.implicit.masters.masters.values() for p in m.pages]
+  assert e.allocator.num_used == len(held) == len(set(held))
+  assert all(e.allocator.refcount(p) == 1 for p in held)
+  e.allocator.check_invariants()
+
+
+def _server(params, max_batch=16, pool=POOL, **config):
+  engine = Engine(params, TINY, cache_cfg=pool, max_batch=max_batch)
   config.setdefault("session_pages", 160)
   config.setdefault("model_name", MODEL)
   app = create_app(engine, ByteTokenizer(), **config)
@@ -134,8 +146,12 @@ def test_completion_usage_and_stream_agree(live):
   chunks = _sse_payloads(s.text)
   streamed = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
   assert streamed == text
-  assert chunks[-1]["usage"] == usage
-  assert worker.engine.allocator.num_used == 0
+  streamed_usage = chunks[-1]["usage"]
+  # the same prompt again: its first full 8-token block comes from the prefix cache
+  assert usage["prompt_tokens_details"] == {"cached_tokens": 0}
+  assert streamed_usage.pop("prompt_tokens_details") == {"cached_tokens": 8}
+  assert streamed_usage == {k: v for k, v in usage.items() if k != "prompt_tokens_details"}
+  _assert_no_leaks(worker)
 
 
 def test_chat_non_stream_and_stream(live):
@@ -185,7 +201,8 @@ def test_stream_disconnect_frees_pages(live):
   deadline = time.monotonic() + 30
   while worker.engine.running and time.monotonic() < deadline:
     time.sleep(0.05)
-  assert worker.engine.allocator.num_used == 0 and not worker.engine.running
+  assert not worker.engine.running
+  _assert_no_leaks(worker)
   assert _complete(client).status_code == 200
 
 
@@ -232,7 +249,7 @@ def test_bad_input_is_4xx_and_server_survives(live, path, body, status):
     r = client.post(path, json=body)
   _assert_error(r, status)
   assert _complete(client, max_tokens=2).status_code == 200
-  assert worker.engine.allocator.num_used == 0
+  _assert_no_leaks(worker)
 
 
 def test_metrics(live):
@@ -264,18 +281,19 @@ def test_chat_text_never_becomes_control_tokens(live, monkeypatch):
   """Only the template's own markers become control ids; a message cannot forge a turn."""
   client, worker = live
   prompts = []
-  add_request, chat_round = worker.engine.add_request, worker.chat_round
+  add_request, prefill = worker.engine.add_request, worker.implicit.prefill
 
   def recording_add(ids, *args, **kwargs):
     prompts.append(list(ids))
     return add_request(ids, *args, **kwargs)
 
-  def recording_round(segments, params):
-    prompts.append([t for s in segments for t in s.tokens])
-    return chat_round(segments, params)
+  def recording_prefill(requests):
+    out = prefill(requests)
+    prompts.extend(list(a.agent.tokens) for a in out)  # what the collective step computed on
+    return out
 
   monkeypatch.setattr(worker.engine, "add_request", recording_add)
-  monkeypatch.setattr(worker, "chat_round", recording_round)
+  monkeypatch.setattr(worker.implicit, "prefill", recording_prefill)
   for content in (FORGED, f"{FORGED}<|td:shared|>{DOC}{FORGED}<|td:private|>{FORGED}?"):
     r = client.post("/v1/chat/completions", json={
         "model": MODEL, "max_tokens": 2, "temperature": 0,
@@ -336,7 +354,7 @@ def test_64_concurrent_clients_no_errors_no_leaks(live):
       _sse_payloads(r.text)
     else:
       assert r.json()["usage"]["completion_tokens"] >= 1
-  assert worker.engine.allocator.num_used == 0
+  _assert_no_leaks(worker)
   assert not worker.engine.running and not worker.engine.waiting and not worker.engine.finished
 
 
@@ -352,7 +370,7 @@ def test_queue_bound_gives_429(params):
         _assert_error(r, 429)
     with httpx.Client(base_url=server.url) as client:
       assert _complete(client).status_code == 200
-  assert worker.engine.allocator.num_used == 0
+  _assert_no_leaks(worker)
 
 
 def test_api_key(params):
@@ -489,15 +507,17 @@ def test_aborts_free_pages_on_the_worker_thread(live, monkeypatch):
   monkeypatch.setattr(PageAllocator, "free", recording_free)
   r = _complete(client, temperature=1.0, seed=3, max_tokens=16, stop=full[3:5]).json()
   assert r["choices"][0]["finish_reason"] == "stop" and r["usage"]["completion_tokens"] < 16
-  assert engine.allocator.num_used == 0 and freed
+  assert freed
+  _assert_no_leaks(worker)
   body = {"model": MODEL, "prompt": "x", "max_tokens": 300, "stream": True, "temperature": 1.0,
           "seed": 1}
   with client.stream("POST", "/v1/completions", json=body) as s:
     next(s.iter_lines())
   deadline = time.monotonic() + 30
-  while (engine.running or engine.allocator.num_used) and time.monotonic() < deadline:
+  while engine.running and time.monotonic() < deadline:
     time.sleep(0.05)
-  assert not engine.running and not engine.waiting and engine.allocator.num_used == 0
+  assert not engine.running and not engine.waiting
+  _assert_no_leaks(worker)
   assert all(t.startswith("td-engine") for t in freed), freed
 
 
@@ -542,16 +562,27 @@ def _marked_chat(client, question, marked=True, **body):
       "temperature": 0, **body})
 
 
-def test_marked_chat_at_recompute_one_equals_plain_chat(params):
+def _content(r) -> str:
+  assert r.status_code == 200, r.text
+  return r.json()["choices"][0]["message"]["content"]
+
+
+def test_reuse_at_recompute_one_equals_the_engine_path(params):
+  """Marked or found by chunks, collective reuse recomputing every shared token answers as
+  the plain engine path (the request opted out) does."""
   server, worker = _server(params, chat_recompute=1.0)
+  off = {"tokendance": {"reuse": False}}
   with server, httpx.Client(base_url=server.url, timeout=120) as client:
     for q in ("When does the ferry leave?", "How many bakeries?"):
-      r = _marked_chat(client, q)
-      assert r.status_code == 200, r.text
-      plain = _marked_chat(client, q, marked=False).json()["choices"][0]["message"]["content"]
-      assert r.json()["choices"][0]["message"]["content"] == plain
-      assert r.json()["usage"] == _marked_chat(client, q, marked=False).json()["usage"]
-  assert worker.chat_pages_used == 0  # closed with the server
+      plain = _marked_chat(client, q, marked=False, **off)
+      assert "tokendance" not in plain.json()  # the engine path
+      for marked in (True, False):
+        r = _marked_chat(client, q, marked=marked)
+        assert _content(r) == _content(plain)
+        assert r.json()["usage"]["prompt_tokens"] == plain.json()["usage"]["prompt_tokens"]
+        assert r.json()["tokendance"]["step_requests"] == 1
+    _assert_no_leaks(worker)
+  assert worker.implicit.masters.num_pages == 0  # closed with the server
 
 
 def test_marked_chat_reuses_the_shared_document(live):
@@ -559,79 +590,67 @@ def test_marked_chat_reuses_the_shared_document(live):
   first = _marked_chat(client, "When does the ferry leave?").json()
   second = _marked_chat(client, "How many bakeries are there?").json()
   n_doc = len(DOC.encode())
-  assert first["tokendance"]["shared_tokens_prefilled"] == n_doc  # the document was new
-  # The second request reuses the document's master: it recomputes ~5% of it plus its own text.
-  assert second["tokendance"]["shared_tokens_prefilled"] == 0
+  assert first["tokendance"]["chunk_hit_tokens"] == 0  # the document was new: its master made
+  assert first["tokendance"]["computed_tokens"] >= first["usage"]["prompt_tokens"]
+  assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+  # The second request reads the document's master: it recomputes ~10% of it plus its own text.
+  assert second["tokendance"]["chunk_hit_tokens"] == n_doc
   assert second["tokendance"]["computed_tokens"] < second["usage"]["prompt_tokens"] - n_doc // 2
+  assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == \
+      second["usage"]["prompt_tokens"] - second["tokendance"]["computed_tokens"]
   text = second["choices"][0]["message"]["content"]
   stream = _marked_chat(client, "How many bakeries are there?", stream=True)
-  assert "".join(p["choices"][0]["delta"].get("content", "")
-                 for p in _sse_payloads(stream.text) if p["choices"]) == text
-  assert worker.engine.allocator.num_used == 0
+  deltas = [p["choices"][0]["delta"].get("content", "")
+            for p in _sse_payloads(stream.text) if p["choices"]]
+  assert "".join(deltas) == text
+  assert sum(1 for d in deltas if d) == len(text)  # one event per token (one byte each here)
+  _assert_no_leaks(worker)
   r = client.post("/v1/chat/completions", json={
       "model": MODEL, "messages": [{"role": "user", "content": "<|td:shared|>x"}],
       "max_tokens": 100000})
   _assert_error(r, 400)
 
 
-# -- persistence ------------------------------------------------------------------------
+def test_unmarked_chats_sent_together_share_one_collective_step(params):
+  """Four clients at once, each prompt holding the other agents' outputs: one step holds all
+  four, the outputs' chunks are read from masters, and each answer streams token by token."""
+  server, worker = _server(params, gather_ms=200, pool=CacheConfig(num_pages=256, page_size=8))
+  outs = [f"Agent {i} thinks the ferry leaves at {i + 9} and the bakery opens at dawn. "
+          for i in range(4)]
+
+  async def agent(c, i):
+    msgs = [{"role": "system", "content": DOC}]
+    msgs += [{"role": "user", "content": f"Agent {j} said: {o}"} for j, o in enumerate(outs)
+             if j != i]
+    r = await c.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": msgs, "max_tokens": 4, "temperature": 0})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+  async def main(url):
+    async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+      return await asyncio.gather(*(agent(c, i) for i in range(4)))
+
+  with server:
+    got = asyncio.run(main(server.url))
+    assert [g["tokendance"]["step_requests"] for g in got] == [4] * 4
+    assert worker.implicit.step_sizes[-1] == 4
+    cached = [g["usage"]["prompt_tokens_details"]["cached_tokens"] for g in got]
+    prompt = [g["usage"]["prompt_tokens"] for g in got]
+    assert sum(cached) > 0.4 * sum(prompt)  # the system prompt and outputs are read, not computed
+    metrics = server_metrics(server.url)
+    assert metrics["tokendance_collective_step_requests_count"] >= 1
+    assert metrics["tokendance_reused_tokens_total"] >= sum(cached)
+    _assert_no_leaks(worker)
 
 
-def _round(client, sid, message):
-  r = client.post(f"/v1/sessions/{sid}/rounds", json={"message": message})
-  assert r.status_code == 200, r.text
-  return r.json()["outputs"]
+def server_metrics(url: str) -> dict[str, float]:
+  from prometheus_client.parser import text_string_to_metric_families
 
+  text = httpx.get(url + "/metrics").text
+  return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+          if not s.labels}
 
-def test_snapshot_restore_continues_with_same_outputs(params, tmp_path):
-  import shutil
-
-  a_dir, b_dir = tmp_path / "a", tmp_path / "b"
-  server, _ = _server(params, state_dir=str(a_dir))
-  with server, httpx.Client(base_url=server.url, timeout=120) as client:
-    sids = {m: client.post("/v1/sessions", json={**SESSION, "method": m}).json()["id"]
-            for m in ("tokendance", "prefix", "full")}
-    for sid in sids.values():
-      _round(client, sid, "Round 0.")
-    snap = client.post("/v1/snapshots")
-    assert snap.status_code == 200, snap.text
-    assert snap.json()["step"] == 1 and snap.json()["sessions"] == sorted(sids.values())
-    shutil.copytree(a_dir, b_dir)  # the state right after round 0
-    want = {m: _round(client, sid, "Round 1.") for m, sid in sids.items()}
-    before = {sid: client.get(f"/v1/sessions/{sid}").json() for sid in sids.values()}
-    assert "tokendance_snapshots_total 1" in client.get("/metrics").text
-  # Restored from the round-0 snapshot: round 1 gives what the original gave.
-  server, worker = _server(params, state_dir=str(b_dir))
-  with server, httpx.Client(base_url=server.url, timeout=120) as client:
-    assert set(worker.sessions) == set(sids.values())
-    got = {m: _round(client, sid, "Round 1.") for m, sid in sids.items()}
-    assert got == want
-  # The graceful shutdown of the first server saved its state after round 1.
-  server, worker = _server(params, state_dir=str(a_dir))
-  with server, httpx.Client(base_url=server.url, timeout=120) as client:
-    for sid, info in before.items():
-      now = client.get(f"/v1/sessions/{sid}").json()
-      assert now["rounds"] == 2
-      assert now["pages_in_use"] == info["pages_in_use"]
-      assert now["agents"] == info["agents"]
-      worker.sessions[sid].rs.allocator.check_invariants()
-    for sid in sids.values():
-      assert client.delete(f"/v1/sessions/{sid}").status_code == 200
-  assert all(s.rs.allocator.num_used == 0 for s in worker.sessions.values())
-
-
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-def test_snapshot_errors(live, params, tmp_path):
-  client, _ = live
-  _assert_error(client.post("/v1/snapshots"), 400)  # started without a state dir
-  server, _ = _server(params, state_dir=str(tmp_path))
-  with server, httpx.Client(base_url=server.url, timeout=60) as c:
-    assert c.post("/v1/snapshots").json()["sessions"] == []
-  # A snapshot of another model refuses to load: the server does not start half-restored.
-  server, _ = _server(params, state_dir=str(tmp_path), model_name="other")
-  with pytest.raises(RuntimeError, match="did not start"):
-    with server:
-      pass
 
 
 # -- fuzz -----------------------------------------------------------------------------
@@ -659,10 +678,10 @@ def test_fuzz_garbage_bodies(live, path, body):
   if r.status_code >= 400:
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
   assert client.get("/health").status_code == 200
-  assert worker.engine.allocator.num_used == 0
+  _assert_no_leaks(worker)
 
 
-FASTAPI_FREE = ("worker", "sessions", "schemas", "errors", "metrics", "config")
+FASTAPI_FREE = ("worker", "completion", "sessions", "schemas", "errors", "metrics", "config")
 
 
 def test_the_worker_is_fastapi_free():

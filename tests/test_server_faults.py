@@ -98,9 +98,14 @@ def record_cancels(monkeypatch, worker) -> threading.Event:
   return seen
 
 
-def assert_engine_empty(engine) -> None:
+def assert_engine_empty(engine, worker=None) -> None:
+  """Nothing runs, and only the caches (prefix blocks, the worker's masters) hold pages."""
   assert not engine.running and not engine.waiting and not engine.finished
-  assert engine.allocator.num_used == 0
+  held = list(engine.prefix.entries.values()) if engine.prefix is not None else []
+  if worker is not None and worker.implicit is not None:
+    held += [p for m in worker.implicit.masters.masters.values() for p in m.pages]
+  assert engine.allocator.num_used == len(held) == len(set(held))
+  assert all(engine.allocator.refcount(p) == 1 for p in held)
   engine.allocator.check_invariants()
 
 
@@ -170,11 +175,11 @@ def test_engine_step_failure_is_a_500_and_the_server_recovers(live, clean, monke
     _assert_error(r, 500)
     assert r.json()["error"]["type"] == "server_error"
     assert "injected step failure" in r.json()["error"]["message"]
-  assert_engine_empty(worker.engine)
+  assert_engine_empty(worker.engine, worker)
   assert chat_text(client.post("/v1/chat/completions", json=CHAT)) == clean["chat"]
   s = client.post("/v1/chat/completions", json={**CHAT, "stream": True})
   assert streamed_text(_sse_payloads(s.text)) == clean["chat"]
-  assert_engine_empty(worker.engine)
+  assert_engine_empty(worker.engine, worker)
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -193,9 +198,9 @@ def test_engine_out_of_pages_is_a_503_with_retry_after(live, clean, monkeypatch,
     assert r.headers["retry-after"] == str(worker.config.retry_after_s)
     assert r.json()["error"]["type"] == "server_error"
     assert r.json()["error"]["code"] == "out_of_pages"
-  assert_engine_empty(worker.engine)
+  assert_engine_empty(worker.engine, worker)
   assert chat_text(client.post("/v1/chat/completions", json=CHAT)) == clean["chat"]
-  assert_engine_empty(worker.engine)
+  assert_engine_empty(worker.engine, worker)
 
 
 def test_a_step_that_loses_the_kv_cache_is_a_500_and_the_server_recovers(live, clean,
@@ -220,10 +225,10 @@ def test_a_step_that_loses_the_kv_cache_is_a_500_and_the_server_recovers(live, c
   _assert_error(r, 500)
   assert "CacheLost" in r.json()["error"]["message"]
   assert worker.engine.cache_epoch == epoch + 1
-  assert_engine_empty(worker.engine)
+  assert_engine_empty(worker.engine, worker)
   monkeypatch.setattr(engine_mod, "_model_step", inner)
   assert chat_text(client.post("/v1/chat/completions", json=CHAT)) == clean["chat"]
-  assert_engine_empty(worker.engine)
+  assert_engine_empty(worker.engine, worker)
 
 
 # -- a round that fails ---------------------------------------------------------------------
@@ -291,7 +296,7 @@ def test_round_failure_mid_decode_keeps_the_session_usable(live, params, monkeyp
     conn.conn.close()
     assert client.delete(f"/v1/sessions/{sid}").status_code == 200
   assert rs.allocator.num_used == 0
-  assert_engine_empty(worker.engine)
+  assert_engine_empty(worker.engine, worker)
 
 
 # -- a client that leaves while its request waits ---------------------------------------------
@@ -326,10 +331,10 @@ def test_cancel_while_queued_leaves_nothing(params, clean, monkeypatch, where): 
     assert not isinstance(r, Exception), r
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["text"] == clean["long"]
-    assert_engine_empty(engine)
+    assert_engine_empty(engine, worker)
     assert worker.queue_depth == 0
     assert chat_text(client.post("/v1/chat/completions", json=CHAT)) == clean["chat"]
-    assert_engine_empty(engine)
+    assert_engine_empty(engine, worker)
 
 
 # -- shutdown with work in flight ------------------------------------------------------------
@@ -380,7 +385,7 @@ def test_graceful_shutdown_finishes_the_request_in_flight(params, clean, monkeyp
     text = r.json()["choices"][0]["text"]
   assert text == clean["long"]
   assert not worker.alive
-  assert_engine_empty(worker.engine)
+  assert_engine_empty(worker.engine, worker)
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -415,4 +420,4 @@ def test_forced_shutdown_ends_the_request_in_flight(params, monkeypatch, stream)
   else:  # the cancelled handler never answered: uvicorn's own plain-text 500, or a drop
     assert isinstance(r, httpx.TransportError) or r.status_code == 500, r
   assert not worker.alive
-  assert_engine_empty(worker.engine)
+  assert_engine_empty(worker.engine, worker)

@@ -21,7 +21,7 @@ import dataclasses
 import numpy as np
 
 from tokendance_jax import collector, model, selection
-from tokendance_jax.engine import bucket, build_batch
+from tokendance_jax.batch import bucket, build_batch
 from tokendance_jax.layout import AgentState
 from tokendance_jax.paging import NULL_PAGE, BlockTable, pages_needed
 from tokendance_jax.roundctx import pad_pages

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tokendance_jax import collector, model, sampling, sharding
+from tokendance_jax.batch import bucket, build_batch  # noqa: F401 - bucket re-exported
 from tokendance_jax.config import AttentionConfig, CacheConfig, ModelConfig
 from tokendance_jax.paging import BlockTable, OutOfPages, PageAllocator, pages_needed
 from tokendance_jax.prefix_cache import PrefixCache
@@ -92,12 +93,6 @@ class GenerationResult:
   prompt_ids: list[int]
   output_ids: list[int]
   finish_reason: str  # "stop" (EOS / stop token) or "length"
-
-
-def bucket(n: int, minimum: int = 1) -> int:
-  """Smallest power of two >= max(n, minimum)."""
-  n = max(n, minimum)
-  return 1 << (n - 1).bit_length()
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "attn", "decode", "plan"),
@@ -161,6 +156,11 @@ class Engine:
     self.num_preemptions = 0
     self.num_steps = 0
     self._ids = itertools.count()
+
+  def enable_prefix_caching(self) -> None:
+    """Turn automatic prefix caching on (a no-op when it is on already)."""
+    if self.prefix is None:
+      self.prefix = PrefixCache(self.allocator)
 
   # -- requests --------------------------------------------------------------
 
@@ -490,40 +490,3 @@ class Engine:
       seq.table.release(self.allocator)
     self.running.remove(seq)
     self.finished[seq.seq_id] = seq
-
-
-def build_batch(chunks, decode: bool = False):
-  """Pack chunks into a bucketed `model.Batch`.
-
-  A chunk is (table, tokens, start, n) feeding tokens[start:start + n], or
-  (table, tokens, positions) feeding tokens at scattered increasing
-  positions. Row r samples (its logits are returned) when its last fed
-  position is the end of tokens. Returns (batch, set of sampling rows).
-  """
-  chunks = [c if len(c) == 3 else (c[0], c[1], np.arange(c[2], c[2] + c[3])) for c in chunks]
-  rows = bucket(len(chunks))
-  t = rows if decode else bucket(sum(len(p) for *_, p in chunks), 16)
-  width = bucket(max(len(table.pages) for table, *_ in chunks), 4)
-  tokens = np.zeros(t, np.int32)
-  positions = np.full(t, -1, np.int32)
-  seq_ids = np.zeros(t, np.int32)
-  slots = np.full(t, -1, np.int32)
-  tables = np.zeros((3, rows, width), np.int32)
-  tables[1] = np.iinfo(np.int32).max // 2
-  logits_index = np.zeros(rows, np.int32)
-  sampled_rows, cursor = set(), 0
-  for r, (table, toks, pos) in enumerate(chunks):
-    span = slice(cursor, cursor + len(pos))
-    tokens[span] = np.asarray(toks)[pos]
-    positions[span] = pos
-    seq_ids[span] = r
-    slots[span] = table.slots_at(pos)
-    tables[:, r] = table.rows(width)
-    if len(pos) and pos[-1] == len(toks) - 1:
-      sampled_rows.add(r)
-      logits_index[r] = cursor + len(pos) - 1
-    cursor += len(pos)
-  batch = model.Batch(tokens=tokens, positions=positions, seq_ids=seq_ids, slot_mapping=slots,
-                      block_tables=tables[0], block_pos=tables[1], block_len=tables[2],
-                      logits_index=logits_index)
-  return batch, sampled_rows

@@ -18,7 +18,8 @@ import numpy as np
 
 from tokendance_jax import diffstore
 from tokendance_jax.config import CacheConfig, ModelConfig
-from tokendance_jax.engine import Engine, bucket
+from tokendance_jax.batch import bucket
+from tokendance_jax.engine import Engine
 from tokendance_jax.paging import NULL_PAGE, PageAllocator
 from tokendance_jax.prefix_cache import PrefixCache
 from tokendance_jax.rounds import ReusePolicy

@@ -85,4 +85,8 @@ def max_forked_blocks(prompt: AgentPrompt, policy: ReusePolicy, page_size: int) 
   blocks = sum(pages_needed(len(s), page_size) for s in shared)
   if policy.select == "epic":
     return sum(pages_needed(min(policy.epic_k, len(s)), page_size) for s in shared)
-  return min(blocks, budget(sum(len(s) for s in shared), policy.recompute))
+  n = budget(sum(len(s) for s in shared), policy.recompute)
+  if policy.select == "block" and n:  # whole blocks until the budget is covered: only a segment's
+    # last page and the page the exact head ends in hold fewer tokens than a full page
+    return min(blocks, pages_needed(n, page_size) + len(shared) + 2)
+  return min(blocks, n)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from tokendance_jax.rounds import MASTERS
+from tokendance_jax.serve.config import REUSE_MODES
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -37,10 +38,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                  help="use the Pallas kernels on CPU too (interpret mode; slow)")
   p.add_argument("--num-pages", type=int, default=1024, help="pages in the engine's KV pool")
   p.add_argument("--page-size", type=int, default=16)
+  p.add_argument("--reuse", default="tokendance", choices=list(REUSE_MODES),
+                 help="K/V reuse on the engine's pool: none, prefix (automatic prefix caching) "
+                      "or tokendance (default: prefix caching, and chats waiting together share "
+                      "spans found by content in one collective step)")
+  p.add_argument("--gather-ms", type=float, default=20.0,
+                 help="how long a chat waits for others to join its collective step")
+  p.add_argument("--chat-recompute", type=float, default=0.10,
+                 help="fraction of each chat's shared tokens recomputed (tokendance)")
   p.add_argument("--chat-masters", default="context", choices=list(MASTERS),
-                 help="how marked chat requests' shared spans become masters: context "
-                      "(default: the request's new spans in one prefill, in their order), "
-                      "anchored or decode")
+                 help="how shared spans without a master get one: context (default: in one "
+                      "prefill, in their order), anchored or decode")
   p.set_defaults(func=cmd_serve)
   return p
 
@@ -52,7 +60,8 @@ def server_kwargs(args) -> dict:
             force_kernel=args.force_kernel, log_level=args.log_level, api_key=args.api_key,
             max_queue=args.max_queue, session_pages=args.session_pages,
             max_sessions=args.max_sessions, state_dir=args.state_dir,
-            chat_masters=args.chat_masters)
+            chat_masters=args.chat_masters, reuse=args.reuse, gather_ms=args.gather_ms,
+            chat_recompute=args.chat_recompute)
   if args.model_name:
     kw["model_name"] = args.model_name
   return kw
@@ -63,7 +72,7 @@ def cmd_serve(args) -> int:
 
   kw = server_kwargs(args)
   config_keys = ("api_key", "max_queue", "session_pages", "max_sessions", "model_name",
-                 "state_dir", "chat_masters")
+                 "state_dir", "chat_masters", "reuse", "gather_ms", "chat_recompute")
   ServerConfig(**{k: kw[k] for k in config_keys if k in kw})  # bad values fail before loading
   if not 0 < args.port < 65536:
     raise ValueError(f"--port {args.port} must be in 1..65535")

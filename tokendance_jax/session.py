@@ -244,8 +244,9 @@ class RoundSession:
     """The round's agents in waves that fit the pool (`admission.plan_waves`), from the
     method's upper bound on each agent's pages (`Method.page_needs`)."""
     refcount, evictable = self.allocator.refcount, set()
-    if self.prefix is not None:
-      evictable = {p for p in self.prefix.entries.values() if refcount(p) == 1}
+    for cache in (self.prefix, self.engine.prefix):  # the engine's, when it is shared
+      if cache is not None:
+        evictable.update(p for p in cache.entries.values() if refcount(p) == 1)
     if self.keep_masters:
       evictable.update(p for m in self.masters.masters.values()
                        if all(refcount(q) == 1 for q in m.pages) for p in m.pages)

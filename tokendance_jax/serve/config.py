@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
+from tokendance_jax.chunking import ChunkConfig
 from tokendance_jax.rounds import ReusePolicy
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+REUSE_MODES = ("none", "prefix", "tokendance")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -24,12 +26,18 @@ class ServerConfig:
   retry_after_s: int = 1
   state_dir: str | None = None  # session snapshots (orbax): restored on start, saved on shutdown
   snapshot_keep: int = 2
-  # Chat requests whose messages mark segments with <|td:shared|> / <|td:private|> run on one
-  # long-lived tokendance session: a shared segment seen before is reused, not prefilled.
-  chat_reuse_pages: int = 256
+  # How requests reuse K/V, all on the engine's one page pool: "none"; "prefix" (automatic
+  # prefix caching); "tokendance" (prefix caching, and chat requests waiting together are
+  # prefilled in one collective step, their shared spans found by content-defined chunks
+  # and read from masters; marked spans are shared as marked).
+  reuse: str = "tokendance"
+  gather_ms: float = 20.0  # a chat request waits this long for others to join its step
+  chunk_avg: int = 32  # content-defined chunks: a boundary every ~chunk_avg tokens past
+  chunk_min: int = 16  # chunk_min, at most chunk_max apart
+  chunk_max: int = 256
   chat_select: str = "block"
-  chat_recompute: float = 0.05
-  chat_masters: str = "context"  # how masters of marked spans are made (ReusePolicy.masters)
+  chat_recompute: float = 0.10
+  chat_masters: str = "context"  # how masters of shared spans are made (ReusePolicy.masters)
 
   def __post_init__(self):
     if self.max_queue < 0 or self.session_pages < 2 or self.max_sessions < 0:
@@ -37,7 +45,16 @@ class ServerConfig:
                        f"{self.session_pages} >= 2, max_sessions={self.max_sessions} >= 0")
     if self.snapshot_keep < 1:
       raise ValueError(f"snapshot_keep={self.snapshot_keep} must be >= 1")
-    if self.chat_reuse_pages < 2:
-      raise ValueError(f"chat_reuse_pages={self.chat_reuse_pages} must be >= 2")
-    ReusePolicy(select=self.chat_select, recompute=self.chat_recompute,
-                masters=self.chat_masters)  # checks all three
+    if self.reuse not in REUSE_MODES:
+      raise ValueError(f"reuse={self.reuse!r}; expected one of {', '.join(REUSE_MODES)}")
+    if not 0 <= self.gather_ms <= 10_000:
+      raise ValueError(f"gather_ms={self.gather_ms} must be in [0, 10000]")
+    self.chunk_config()  # checks the chunk sizes
+    self.reuse_policy()  # checks select, recompute and masters
+
+  def chunk_config(self) -> ChunkConfig:
+    return ChunkConfig(avg=self.chunk_avg, min_len=self.chunk_min, max_len=self.chunk_max)
+
+  def reuse_policy(self) -> ReusePolicy:
+    return ReusePolicy(select=self.chat_select, recompute=self.chat_recompute,
+                       masters=self.chat_masters)

@@ -3,14 +3,16 @@
 `data: [DONE]`), with usage counts and `temperature`, `top_p`, `max_tokens`, `stop`, `seed`.
 
 Chat messages are encoded with the tokenizer's template markers as control tokens and
-message text as plain text, so a message cannot forge a turn. A chat whose messages mark
-spans with <|td:shared|> / <|td:private|> runs as a one-agent tokendance round on the
-worker's long-lived reuse session (`Worker.chat_round`) instead of the engine.
+message text as plain text, so a message cannot forge a turn. With reuse "tokendance"
+every chat goes to the worker's collective step (`implicit.Request`): its shared spans are
+found by content-defined chunks, or taken as marked where its messages mark spans with
+<|td:shared|> / <|td:private|>. A request opts out with `"tokendance": {"reuse": false}`
+in its body (the `openai` client's `extra_body`). `usage.prompt_tokens_details
+.cached_tokens` counts the prompt tokens that were not computed.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import time
@@ -19,9 +21,10 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from tokendance_jax.paging import OutOfPages, pages_needed
+from tokendance_jax import implicit
 from tokendance_jax.rounds import PRIVATE_MARK, SHARED_MARK, Segment
-from tokendance_jax.serve.errors import bad_request, completion_error, out_of_pages, stream_error
+from tokendance_jax.serve.completion import Completion
+from tokendance_jax.serve.errors import bad_request, completion_error, stream_error
 from tokendance_jax.serve.schemas import (
   ChatRequest,
   CompletionRequest,
@@ -30,7 +33,7 @@ from tokendance_jax.serve.schemas import (
   check_sampling,
   parse_body,
 )
-from tokendance_jax.serve.worker import Completion, Worker, find_stop
+from tokendance_jax.serve.worker import Worker
 from tokendance_jax.tokenizer import CHAT_ROLES
 
 
@@ -58,11 +61,16 @@ def add_openai_routes(router: APIRouter, worker: Worker) -> None:
     body = parse_body(ChatRequest, await request.body(), cfg.max_body_bytes)
     if body.max_completion_tokens is not None and body.max_tokens is None:
       body.max_tokens = body.max_completion_tokens
-    segments = _chat_segments(body, worker)
-    if segments is not None:
-      return await _generate_with_reuse(worker, body, segments)
-    prompt = _chat_prompt(body, worker)
-    return await _generate(worker, body, prompt, chat=True, default_max=cfg.default_max_tokens)
+    reuse = worker.implicit is not None and (body.tokendance is None or body.tokendance.reuse)
+    segments = _chat_segments(body, worker) if reuse else None
+    prompt = ([t for s in segments for t in s.tokens] if segments is not None
+              else _chat_prompt(body, worker))
+    job = None
+    if reuse:
+      job = implicit.Request(prompt, None, cuts=_control_cuts(prompt, worker.tok),
+                             segments=segments)
+    return await _generate(worker, body, prompt, chat=True, default_max=cfg.default_max_tokens,
+                           job=job)
 
 
 def _model_card(name: str) -> dict:
@@ -110,6 +118,12 @@ def _chat_prompt(body: ChatRequest, worker: Worker) -> list[int]:
     raise bad_request(str(e), param="messages") from None
 
 
+def _control_cuts(ids: list[int], tok) -> tuple[int, ...]:
+  """Offsets before and after each control token: chunks never straddle a template marker."""
+  special = set(getattr(tok, "special_ids", ()))
+  return tuple(sorted({c for i, t in enumerate(ids) if t in special for c in (i, i + 1)}))
+
+
 def _chat_segments(body: ChatRequest, worker: Worker) -> list[Segment] | None:
   """Segments of a chat whose messages mark shared text (None when nothing is marked).
 
@@ -152,46 +166,13 @@ def _marked_segments(parts: list[tuple[str, bool]], encode_parts) -> list[Segmen
   return segments
 
 
-async def _generate_with_reuse(worker: Worker, body: ChatRequest, segments: list[Segment]):
-  """A marked chat: one tokendance round on the worker, answered like `_generate`."""
-  prompt = [t for s in segments for t in s.tokens]
-  params, stop = check_sampling(body, len(prompt), worker, worker.config.default_max_tokens)
-  cc = worker.session_cache_cfg(worker.config.chat_reuse_pages)
-  if pages_needed(len(prompt), cc.page_size) + len(segments) + pages_needed(
-      params.max_tokens, cc.page_size) > cc.num_pages - 1:
-    raise bad_request(f"prompt + max_tokens needs more than the {cc.num_pages - 1} pages of "
-                      "the chat reuse pool", param="max_tokens", code="context_length_exceeded")
-  worker.metrics.prompt_tokens += len(prompt)
-  try:
-    ids, stats = await worker.call(lambda: worker.chat_round(segments, params))
-  except OutOfPages as e:
-    raise out_of_pages(f"chat reuse pool exhausted ({e}); retry later",
-                       worker.config.retry_after_s) from None
-  worker.metrics.add_tokens(len(ids))
-  text = worker.tok.decode(ids)
-  cut = find_stop(text, stop)
-  reason = "stop" if cut is not None or len(ids) < params.max_tokens else "length"
-  text = text if cut is None else text[:cut]
-  info = {"prompt_tokens": len(prompt), "completion_tokens": len(ids), "finish_reason": reason,
-          "error": None, "status": 200}
-  meta = {"id": "chatcmpl-" + uuid.uuid4().hex[:24], "created": int(time.time()),
-          "model": worker.config.model_name}
-  if body.stream:
-    c = Completion(prompt, params, stop, asyncio.Queue(), done=True)
-    c.events.put_nowait(("delta", text))
-    c.events.put_nowait(("done", info))
-    usage = bool(body.stream_options and body.stream_options.include_usage)
-    return StreamingResponse(_stream(worker, c, meta, True, usage, "chat"),
-                             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-  worker.metrics.requests[("chat", "ok")] += 1
-  return {**_full_response(meta, True, text, info), "tokendance": stats}
-
-
 async def _generate(worker: Worker, body: GenerationRequest, prompt: list[int], *, chat: bool,
-                    default_max: int):
+                    default_max: int, job: implicit.Request | None = None):
   params, stop = check_sampling(body, len(prompt), worker, default_max)
   endpoint = "chat" if chat else "completions"
-  c = worker.submit(prompt, params, stop)
+  if job is not None:
+    job.params = params
+  c = worker.submit(prompt, params, stop, job)
   worker.metrics.prompt_tokens += len(prompt)
   meta = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24],
           "created": int(time.time()), "model": worker.config.model_name}
@@ -223,7 +204,8 @@ async def _collect(c: Completion) -> tuple[str, dict]:
 
 def _usage(info: dict) -> dict:
   p, n = info["prompt_tokens"], info["completion_tokens"]
-  return {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
+  return {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n,
+          "prompt_tokens_details": {"cached_tokens": info.get("cached_tokens", 0)}}
 
 
 def _full_response(meta: dict, chat: bool, text: str, info: dict) -> dict:
@@ -235,7 +217,10 @@ def _full_response(meta: dict, chat: bool, text: str, info: dict) -> dict:
   else:
     choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
     obj = "text_completion"
-  return {**meta, "object": obj, "choices": [choice], "usage": _usage(info)}
+  out = {**meta, "object": obj, "choices": [choice], "usage": _usage(info)}
+  if info.get("tokendance") is not None:  # a collective step's own account of the request
+    out["tokendance"] = info["tokendance"]
+  return out
 
 
 def _chunk(meta: dict, chat: bool, text: str | None, reason: str | None, role: bool = False):

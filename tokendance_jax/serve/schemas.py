@@ -55,9 +55,18 @@ class ChatMessage(_Body):
   content: str | list[_TextPart]
 
 
+class TokendanceOptions(_Body):
+  """The request's own reuse switch (the body's "tokendance" field); unknown keys are
+  refused, so a misspelt option is not silently ignored."""
+
+  model_config = pydantic.ConfigDict(strict=True, extra="forbid")
+  reuse: bool = True
+
+
 class ChatRequest(GenerationRequest):
   messages: list[ChatMessage]
   max_completion_tokens: int | None = None
+  tokendance: TokendanceOptions | None = None
 
 
 class SessionRequest(_Body):

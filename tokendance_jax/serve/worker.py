@@ -1,5 +1,11 @@
 """The worker: one asyncio task that owns the engine and every rounds session.
 
+Every completion runs on the engine's one page pool and scheduler. With reuse
+"prefix" or "tokendance" the engine caches prefixes; with "tokendance", chat
+requests (`Completion.request`) first wait up to `gather_ms` for others, then all
+those waiting go through one collective prefill step (`implicit.ImplicitRounds`)
+and are adopted by the engine, decoded and streamed like any other request.
+
 JAX is not thread-safe, so every device call runs in the worker's single executor thread
 (`engine.step()` between HTTP events, session rounds between steps). Requests wait in its
 bounded queue; past the bound a request gets 429 with `Retry-After`.
@@ -23,33 +29,17 @@ import time
 from typing import Any
 
 from tokendance_jax.config import CacheConfig
+from tokendance_jax.engine import CacheLost
+from tokendance_jax.implicit import ImplicitRounds, Request
 from tokendance_jax.paging import OutOfPages
-from tokendance_jax.rounds import AgentPrompt, ReusePolicy, Round, Segment
 from tokendance_jax.sampling import SamplingParams
+from tokendance_jax.serve.completion import Completion, find_stop, stable_prefix
 from tokendance_jax.serve.config import ServerConfig
 from tokendance_jax.serve.errors import ApiError, retry_after
 from tokendance_jax.serve.metrics import Metrics
 from tokendance_jax.serve.sessions import RoundsSession
 
 log = logging.getLogger(__name__)
-
-
-# -- one completion in flight -------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Completion:
-  """A request in the engine; the worker pushes ("delta", text) / ("done", info) events."""
-
-  prompt: list[int]
-  params: SamplingParams
-  stop: tuple[str, ...]
-  events: asyncio.Queue
-  seq: Any = None
-  sent: str = ""
-  counted: int = 0  # generated tokens already added to the metrics
-  done: bool = False
-  cancelled: bool = False
 
 
 @dataclasses.dataclass
@@ -78,7 +68,15 @@ class Worker:
     self._task: asyncio.Task | None = None
     self._wake: asyncio.Event | None = None
     self.last_error: str | None = None
-    self._chat_rs = None  # the marked-chat reuse session, made on first use
+    if config.reuse == "none" and engine.prefix is not None:
+      raise ValueError("reuse='none' needs an engine without prefix caching")
+    if config.reuse != "none":
+      engine.enable_prefix_caching()
+    self.implicit = (ImplicitRounds(engine, config.reuse_policy(), config.chunk_config())
+                     if config.reuse == "tokendance" else None)
+    self._gather: list[Completion] = []  # chats waiting for the next collective step
+    self._gather_since = 0.0  # when the oldest of them arrived (monotonic)
+    self._gather_blocked = False  # the last step found no pages: retry once one is freed
     self.store = None
     if config.state_dir is not None:
       from tokendance_jax.persist import SnapshotStore
@@ -117,11 +115,14 @@ class Worker:
       elif isinstance(job, Completion):
         self._finish_event(job, "abort", error="server shutting down")
     self._jobs.clear()
+    for c in self._gather:
+      self._finish_event(c, "abort", error="server shutting down")
+    self._gather.clear()
     for s in list(self.sessions.values()):
       await loop.run_in_executor(self._executor, s.close)
     self.sessions.clear()
-    if self._chat_rs is not None:
-      await loop.run_in_executor(self._executor, self._chat_rs.close)
+    if self.implicit is not None:
+      await loop.run_in_executor(self._executor, self.implicit.rs.close)
     self._executor.shutdown(wait=True)
 
   # -- admission --
@@ -130,7 +131,7 @@ class Worker:
   def queue_depth(self) -> int:
     """Jobs queued plus sequences waiting in the engine (two len() reads: atomic, no mutation,
     so /health may read it on the event loop while the worker runs)."""
-    return len(self._jobs) + self.engine.num_waiting
+    return len(self._jobs) + len(self._gather) + self.engine.num_waiting
 
   def _reserve(self, bounded: bool = True) -> None:
     """Count one more job, or 429 past max_batch running + max_queue waiting."""
@@ -142,10 +143,13 @@ class Worker:
                      headers=retry_after(self.config.retry_after_s))
     self._outstanding += 1
 
-  def submit(self, prompt: list[int], params: SamplingParams, stop: tuple[str, ...]) -> Completion:
+  def submit(self, prompt: list[int], params: SamplingParams, stop: tuple[str, ...],
+             request: Request | None = None) -> Completion:
+    """Queue a completion: for the engine directly, or (`request`, reuse "tokendance") for
+    the next collective step."""
     self.ensure_started()
     self._reserve()
-    c = Completion(prompt, params, stop, asyncio.Queue())
+    c = Completion(prompt, params, stop, asyncio.Queue(), request=request)
     self._jobs.append(c)
     self._wake.set()
     return c
@@ -174,9 +178,11 @@ class Worker:
   async def _loop(self) -> None:
     loop = asyncio.get_running_loop()
     while True:
-      if not self._jobs and not self._active:
+      if not self._jobs and not self._active and not self._gather_ready():
         self._wake.clear()
-        await self._wake.wait()
+        wait = self._gather_wait()
+        with contextlib.suppress(asyncio.TimeoutError):
+          await asyncio.wait_for(self._wake.wait(), wait)
         continue
       try:
         await self._iteration(loop)
@@ -191,10 +197,83 @@ class Worker:
       job = self._jobs.popleft()
       if isinstance(job, _Call):
         await self._run_call(loop, job)
+      elif job.request is not None:
+        if not self._gather:
+          self._gather_since = time.monotonic()
+        self._gather.append(job)
       else:
         self._admit(job)
+    if self._gather_ready():
+      await self._collective(loop)
     if self._active:
       await self._step(loop)
+
+  # -- the collective step (reuse "tokendance") --
+
+  def _gather_ready(self) -> bool:
+    """Chats wait for the step until the gather window closes, and after a step found the
+    pool full, until a request ends (or none is left running to end)."""
+    if not self._gather or (self._gather_blocked and self._active):
+      return False
+    return time.monotonic() - self._gather_since >= self.config.gather_ms / 1000
+
+  def _gather_wait(self) -> float | None:
+    """Seconds until the gather window closes (None: nothing is gathering)."""
+    if not self._gather:
+      return None
+    return max(self._gather_since + self.config.gather_ms / 1000 - time.monotonic(), 0.0)
+
+  async def _collective(self, loop) -> None:
+    """Prefill every gathered chat in one collective step; those that do not fit wait."""
+    batch = []
+    for c in self._gather:
+      if c.cancelled:
+        self._finish_event(c, "abort")
+      else:
+        batch.append(c)
+    self._gather = []
+    if not batch:
+      return
+    implicit = self.implicit
+    try:
+      admitted = await loop.run_in_executor(
+          self._executor, lambda: implicit.prefill([c.request for c in batch]))
+    except asyncio.CancelledError:
+      raise
+    except ValueError as e:
+      for c in batch:
+        self._finish_event(c, "error", error=str(e), status=400)
+      return
+    except OutOfPages as e:
+      if self._active:  # pages come back as running requests end
+        self._gather, self._gather_blocked = batch, True
+        return
+      for c in batch:
+        self._finish_event(c, "error", error=f"KV pool exhausted: {e}", status=503)
+      return
+    except Exception as e:  # noqa: BLE001 - answer the batch, keep serving
+      log.exception("collective step failed")
+      for c in batch:
+        self._finish_event(c, "error", error=f"collective step failed: {type(e).__name__}: {e}",
+                           status=500)
+      if isinstance(e, CacheLost):
+        await self._fail_active(loop, f"engine state lost: {e}", 503)
+      return
+    self._gather_blocked = False
+    took = {a.index for a in admitted}
+    self._gather = [c for i, c in enumerate(batch) if i not in took]
+    self._gather_since = time.monotonic() - self.config.gather_ms / 1000  # no second wait
+    self.metrics.observe_collective_step(len(admitted))
+    for a in admitted:
+      c = batch[a.index]
+      # computed: its recompute plus the masters it was first to hold, so more than the
+      # prompt when it paid for masters it then rechecked; nothing was reused for it then
+      c.seq, c.agent, c.cached_tokens = a.seq, a.agent, max(a.reused_tokens, 0)
+      c.reuse = {"computed_tokens": a.computed_tokens, "chunk_hit_tokens": a.chunk_hit_tokens,
+                 "step_requests": len(admitted)}
+      self.metrics.add_chunk_hits(a.chunk_hit_tokens)
+      self._active.append(c)
+    await self._publish_all(loop)  # the first tokens, sampled by the step itself
 
   async def _fail_active(self, loop, message: str, status: int = 500) -> None:
     """Abort every active completion and answer it with `status` carrying `message`."""
@@ -240,9 +319,15 @@ class Worker:
       raise
     except Exception as e:  # noqa: BLE001 - fail the batch, keep serving
       log.exception("engine step failed")
+      if isinstance(e, CacheLost) and self.implicit is not None:
+        self.implicit.rs.close()  # the masters' pages hold zeros now
       await self._fail_active(loop, f"engine step failed: {type(e).__name__}: {e}",
                               503 if isinstance(e, OutOfPages) else 500)  # 503: retry later
       return
+    await self._publish_all(loop)
+
+  async def _publish_all(self, loop) -> None:
+    """Send every active completion's new text; finish those that ended."""
     ending = []  # (completion, (reason, completion_tokens)): to abort before answering
     for c in list(self._active):
       end = self._publish(c)
@@ -278,7 +363,7 @@ class Worker:
     if cut is not None:
       text, reason = text[:cut], "stop"
     if reason is None:
-      text = _stable_prefix(text, c.stop)
+      text = stable_prefix(text, c.stop)
     if text.startswith(c.sent) and len(text) > len(c.sent):
       c.events.put_nowait(("delta", text[len(c.sent):]))
       c.sent = text
@@ -304,9 +389,19 @@ class Worker:
     c.done = True
     if c in self._active:
       self._active.remove(c)
+    if c.agent is not None:  # out of the engine already (finished or aborted): free its table
+      self.implicit.release(c.agent)
+      c.agent = None
+      self._gather_blocked = False
     self._outstanding -= 1
-    info = {"finish_reason": reason, "prompt_tokens": len(c.prompt),
-            "completion_tokens": completion_tokens, "error": error, "status": status}
+    cached = c.cached_tokens
+    if cached is None:
+      cached = c.seq.cached_tokens if c.seq is not None else 0
+      self.metrics.add_prefix_hits(cached)
+    self.metrics.add_reused(cached)
+    info = {"finish_reason": reason, "prompt_tokens": len(c.prompt), "cached_tokens": cached,
+            "completion_tokens": completion_tokens, "error": error, "status": status,
+            "tokendance": c.reuse}
     c.events.put_nowait(("done", info))
 
   # -- snapshots (call on the worker thread: `await worker.call(worker.snapshot)`) --
@@ -356,37 +451,6 @@ class Worker:
     log.info("restored %d sessions from snapshot %d", len(meta["sessions"]), step)
     return len(meta["sessions"])
 
-  def chat_round(self, segments: list[Segment], params: SamplingParams):
-    """One marked chat request as a one-agent tokendance round (worker thread only).
-
-    Returns (output ids, stats). Masters outlive the request and are evicted
-    least recently used when the reuse pool runs short.
-    """
-    from tokendance_jax.session import RoundSession
-
-    if self._chat_rs is None:
-      c, e = self.config, self.engine
-      policy = ReusePolicy(select=c.chat_select, recompute=c.chat_recompute,
-                           masters=c.chat_masters)
-      self._chat_rs = RoundSession(e.params, e.cfg, method="tokendance", policy=policy,
-                                   cache_cfg=self.session_cache_cfg(c.chat_reuse_pages),
-                                   attn=e.attn, quality=False, keep_masters=True)
-    rs = self._chat_rs
-    rs.sampling = params
-    known = set(rs.masters.masters)
-    res = rs.run_round(Round([AgentPrompt("chat", segments, max_tokens=params.max_tokens)]))
-    stats = {k: res.stats[k] for k in ("prompt_tokens", "computed_tokens", "pages_copied")}
-    stats["shared_tokens_prefilled"] = sum(  # new masters: shared text not seen before
-        len(m.tokens) for k, m in rs.masters.masters.items()
-        if k not in known and m.source != "decode")
-    stats["masters"] = len(rs.masters.masters)
-    return res.outputs["chat"], stats
-
-  @property
-  def chat_pages_used(self) -> int:
-    """Pages of the marked-chat reuse pool in use (worker thread, or once it stopped)."""
-    return 0 if self._chat_rs is None else self._chat_rs.allocator.num_used
-
   def session_pages_used(self) -> int:
     """Pages the sessions' pools hold (worker thread, or once it stopped)."""
     return sum(s.rs.allocator.num_used for s in list(self.sessions.values()))
@@ -395,20 +459,12 @@ class Worker:
     """Engine and session gauges for /metrics; call on the worker thread
     (`await worker.call(worker.gauges)`): they read state that steps and rounds change."""
     e, sessions = self.engine, list(self.sessions.values())  # one atomic copy of the dict
+    active = {p for s in e.running for p in s.table.pages}
     return {"pages_used": e.allocator.num_used, "pages_free": e.allocator.num_free,
+            "kv_pages_active": len(active),
+            "prefix_cache_pages": e.prefix.num_pages if e.prefix is not None else 0,
+            "master_pages": self.implicit.masters.num_pages if self.implicit else 0,
             "session_pages_used": sum(s.rs.allocator.num_used for s in sessions),
             "session_master_pages": sum(s.rs.masters.num_pages for s in sessions),
-            "chat_pages_used": self.chat_pages_used, "queue_depth": self.queue_depth,
-            "running": len(e.running), "preemptions": e.num_preemptions}
-
-
-def find_stop(text: str, stops: tuple[str, ...]) -> int | None:
-  hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-  return min(hits) if hits else None
-
-
-def _stable_prefix(text: str, stops: tuple[str, ...]) -> str:
-  """What may be sent before the end: no trailing partial UTF-8 char, no partial stop string."""
-  text = text.rstrip("\ufffd")
-  hold = max((len(s) for s in stops), default=1) - 1
-  return text[:len(text) - hold] if hold else text
+            "queue_depth": self.queue_depth, "running": len(e.running),
+            "preemptions": e.num_preemptions}
