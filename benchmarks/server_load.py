@@ -120,7 +120,7 @@ def run(args) -> dict:
     leaked = None
     if worker is not None:
       e = worker.engine
-      leaked = {"engine_pages_in_use": e.allocator.num_used,
+      leaked = {**worker.pool_accounting(),  # unaccounted: pages no sequence or cache holds
                 "session_pages_in_use": worker.session_pages_used(),
                 "running": len(e.running), "waiting": len(e.waiting)}
     if server is not None:

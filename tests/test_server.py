@@ -83,6 +83,7 @@ def _assert_no_leaks(worker):
   assert e.allocator.num_used == len(held) == len(set(held))
   assert all(e.allocator.refcount(p) == 1 for p in held)
   e.allocator.check_invariants()
+  assert worker.pool_accounting()["unaccounted"] == 0
 
 
 def _server(params, max_batch=16, pool=POOL, **config):
@@ -333,25 +334,30 @@ def test_session_text_never_becomes_control_tokens(live, monkeypatch):
 # -- load and backpressure -------------------------------------------------------------
 
 
-async def _many(url: str, n: int, **body) -> list[httpx.Response]:
+async def _many(url: str, n: int, chat: bool = False, **body) -> list[httpx.Response]:
   limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
   async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
     async def one(i):
       stream = i % 2 == 1
-      req = {"model": MODEL, "prompt": f"client {i} says hello", "max_tokens": 8,
-             "temperature": 0.7, "seed": i, "stream": stream, **body}
-      return await client.post("/v1/completions", json=req)
+      req = {"model": MODEL, "max_tokens": 8, "temperature": 0.7, "seed": i, "stream": stream,
+             **body}
+      if chat and i % 4 >= 2:  # the collective path: the document is shared by every chat
+        msgs = [{"role": "system", "content": DOC[:120]},
+                {"role": "user", "content": f"client {i} asks"}]
+        return await client.post("/v1/chat/completions", json={**req, "messages": msgs})
+      return await client.post("/v1/completions", json={**req, "prompt": f"client {i} says hi"})
     return await asyncio.gather(*(one(i) for i in range(n)))
 
 
 def test_64_concurrent_clients_no_errors_no_leaks(live):
   client, worker = live
   url = str(client.base_url)
-  responses = asyncio.run(_many(url, 64))
-  assert [r.status_code for r in responses] == [200] * 64
+  responses = asyncio.run(_many(url, 64, chat=True))  # 32 completions, 32 chats
+  assert [r.status_code for r in responses] == [200] * 64, [r.text for r in responses
+                                                            if r.status_code != 200][:2]
   for i, r in enumerate(responses):
     if i % 2:
-      _sse_payloads(r.text)
+      assert _sse_payloads(r.text)[-1]["choices"][0]["finish_reason"] in ("stop", "length")
     else:
       assert r.json()["usage"]["completion_tokens"] >= 1
   _assert_no_leaks(worker)

@@ -34,7 +34,7 @@ _BASE = np.uint64(0x100000001B3)
 class ChunkConfig:
   """Chunk sizes in tokens: a boundary on average every `avg` tokens past `min_len`."""
 
-  avg: int = 32
+  avg: int = 16
   min_len: int = 16
   max_len: int = 256
   window: int = 4

@@ -35,7 +35,7 @@ from tokendance_jax.rounds import AgentPrompt, ReusePolicy, Round, Segment, segm
 from tokendance_jax.sampling import SamplingParams
 from tokendance_jax.session import RoundSession
 
-__all__ = ["Admitted", "ImplicitRounds", "Request", "segments"]
+__all__ = ["Admitted", "ImplicitRounds", "Request", "control_cuts", "segments"]
 
 
 @dataclasses.dataclass
@@ -61,6 +61,13 @@ class Admitted:
   @property
   def reused_tokens(self) -> int:
     return self.agent.num_prompt - self.computed_tokens
+
+
+def control_cuts(ids: list[int], tok) -> tuple[int, ...]:
+  """Offsets before and after each of `tok.special_ids` in ids: chunks never straddle a
+  template marker, so a message's text is chunked the same in every chat holding it."""
+  special = set(getattr(tok, "special_ids", ()))
+  return tuple(sorted({c for i, t in enumerate(ids) if t in special for c in (i, i + 1)}))
 
 
 def segments(requests: list[Request], has_master, cfg: ChunkConfig) -> list[list[Segment]]:

@@ -32,8 +32,10 @@ class ServerConfig:
   # and read from masters; marked spans are shared as marked).
   reuse: str = "tokendance"
   gather_ms: float = 20.0  # a chat request waits this long for others to join its step
-  chunk_avg: int = 32  # content-defined chunks: a boundary every ~chunk_avg tokens past
-  chunk_min: int = 16  # chunk_min, at most chunk_max apart
+  # content-defined chunks: a boundary every ~chunk_avg tokens past chunk_min, at most
+  # chunk_max apart (16 / 16: the best hit rate per KV page in benchmarks/chunk_sweep.py)
+  chunk_avg: int = 16
+  chunk_min: int = 16
   chunk_max: int = 256
   chat_select: str = "block"
   chat_recompute: float = 0.10

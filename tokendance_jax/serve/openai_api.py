@@ -67,7 +67,7 @@ def add_openai_routes(router: APIRouter, worker: Worker) -> None:
               else _chat_prompt(body, worker))
     job = None
     if reuse:
-      job = implicit.Request(prompt, None, cuts=_control_cuts(prompt, worker.tok),
+      job = implicit.Request(prompt, None, cuts=implicit.control_cuts(prompt, worker.tok),
                              segments=segments)
     return await _generate(worker, body, prompt, chat=True, default_max=cfg.default_max_tokens,
                            job=job)
@@ -116,12 +116,6 @@ def _chat_prompt(body: ChatRequest, worker: Worker) -> list[int]:
     return worker.tok.encode_parts(worker.tok.chat_parts(_chat_messages(body, True)))
   except ValueError as e:
     raise bad_request(str(e), param="messages") from None
-
-
-def _control_cuts(ids: list[int], tok) -> tuple[int, ...]:
-  """Offsets before and after each control token: chunks never straddle a template marker."""
-  special = set(getattr(tok, "special_ids", ()))
-  return tuple(sorted({c for i, t in enumerate(ids) if t in special for c in (i, i + 1)}))
 
 
 def _chat_segments(body: ChatRequest, worker: Worker) -> list[Segment] | None:

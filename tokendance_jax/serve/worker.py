@@ -392,7 +392,7 @@ class Worker:
     if c.agent is not None:  # out of the engine already (finished or aborted): free its table
       self.implicit.release(c.agent)
       c.agent = None
-      self._gather_blocked = False
+    self._gather_blocked = False  # pages came back: a blocked collective step may fit now
     self._outstanding -= 1
     cached = c.cached_tokens
     if cached is None:
@@ -454,6 +454,17 @@ class Worker:
   def session_pages_used(self) -> int:
     """Pages the sessions' pools hold (worker thread, or once it stopped)."""
     return sum(s.rs.allocator.num_used for s in list(self.sessions.values()))
+
+  def pool_accounting(self) -> dict[str, int]:
+    """Who holds the engine's pages (worker thread, or once it stopped): `unaccounted` counts
+    pages in use that neither a sequence nor a cache (prefix blocks, masters) lists: leaks."""
+    e = self.engine
+    seqs = {p for s in [*e.running, *e.waiting] for p in s.table.pages}
+    caches = set(e.prefix.entries.values()) if e.prefix is not None else set()
+    if self.implicit is not None:
+      caches.update(p for m in self.implicit.masters.masters.values() for p in m.pages)
+    return {"pages_in_use": e.allocator.num_used, "sequence_pages": len(seqs),
+            "cache_pages": len(caches), "unaccounted": e.allocator.num_used - len(seqs | caches)}
 
   def gauges(self) -> dict[str, int]:
     """Engine and session gauges for /metrics; call on the worker thread
