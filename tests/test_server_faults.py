@@ -203,6 +203,37 @@ def test_engine_out_of_pages_is_a_503_with_retry_after(live, clean, monkeypatch,
   assert_engine_empty(worker.engine, worker)
 
 
+def test_a_bad_prompt_in_a_collective_step_fails_alone(params, clean, monkeypatch):  # noqa: F811
+  """A prompt the collective step refuses (ValueError) is answered 400; the request that
+  shared its step is prefilled again on its own and gets a clean server's text."""
+  import asyncio
+
+  server, worker = _server(params, gather_ms=300)
+  prefill = worker.implicit.prefill
+  poison = "POISON"
+  code = [3 + b for b in poison.encode()]  # the byte tokenizer's ids
+
+  def refusing(requests):
+    if any(r.ids[i:i + len(code)] == code for r in requests for i in range(len(r.ids))):
+      raise ValueError("refused: a poisoned prompt")
+    return prefill(requests)
+
+  monkeypatch.setattr(worker.implicit, "prefill", refusing)
+  bad = {**CHAT, "messages": [{"role": "user", "content": f"{poison} story."}]}
+
+  async def both(url):
+    async with httpx.AsyncClient(base_url=url, timeout=WAIT_S) as c:
+      return await asyncio.gather(c.post("/v1/chat/completions", json=CHAT),
+                                  c.post("/v1/chat/completions", json=bad))
+
+  with server:
+    good, refused = asyncio.run(both(server.url))
+    _assert_error(refused, 400)
+    assert "poisoned" in refused.json()["error"]["message"]
+    assert chat_text(good) == clean["chat"]
+    assert_engine_empty(worker.engine, worker)
+
+
 def test_a_step_that_loses_the_kv_cache_is_a_500_and_the_server_recovers(live, clean,
                                                                         monkeypatch):
   """A device fault after the decode step took the cache: the request fails with 500 naming

@@ -241,8 +241,15 @@ class Worker:
     except asyncio.CancelledError:
       raise
     except ValueError as e:
+      if len(batch) == 1:
+        self._finish_event(batch[0], "error", error=str(e), status=400)
+        return
+      waiting = []  # one bad prompt fails alone: each request in a step of its own
       for c in batch:
-        self._finish_event(c, "error", error=str(e), status=400)
+        self._gather, self._gather_since = [c], 0.0
+        await self._collective(loop)
+        waiting += self._gather
+      self._gather = waiting
       return
     except OutOfPages as e:
       if self._active:  # pages come back as running requests end
