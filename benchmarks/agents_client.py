@@ -42,7 +42,6 @@ import dataclasses
 import json
 import pathlib
 import platform
-import re
 import time
 
 from tokendance_jax.workload_text import person_names, text_banks
@@ -214,30 +213,6 @@ def _round_record(r: int, recs: list[dict], samples: list[dict]) -> dict:
 
 
 
-class ByteTokenizer:
-  """For --tiny: text bytes -> ids 3..255, id -> one printable character; ChatML markers are
-  control ids 1 and 2 in template parts only (like tests/test_server.py's)."""
-
-  SPECIAL = {"<|im_start|>": 1, "<|im_end|>": 2}
-  _SPLIT = re.compile("(" + "|".join(re.escape(s) for s in SPECIAL) + ")")
-
-  def encode_parts(self, parts) -> list[int]:
-    ids = []
-    for text, template in parts:
-      for j, piece in enumerate(self._SPLIT.split(text) if template else [text]):
-        ids += [self.SPECIAL[piece]] if j % 2 else [3 + b % 253 for b in piece.encode("utf-8")]
-    return ids
-
-  def decode(self, ids) -> str:
-    return "".join(chr(33 + int(i) % 94) for i in ids)
-
-  def chat_parts(self, messages) -> list[tuple[str, bool]]:
-    parts = []
-    for m in messages:
-      parts += [(f"<|im_start|>{m['role']}\n", True), (m["content"], False), ("<|im_end|>\n", True)]
-    return [*parts, ("<|im_start|>assistant\n", True)]
-
-
 def load_model(args):
   """(params, ModelConfig, tokenizer, dtype), loaded once for every server."""
   if args.tiny:
@@ -245,6 +220,7 @@ def load_model(args):
 
     from tokendance_jax import model
     from tokendance_jax.config import TINY
+    from tokendance_jax.serve.testing import ByteTokenizer
 
     cfg = dataclasses.replace(TINY, max_seq_len=8192)  # byte tokens: long prompts; RoPE only
     return model.init_params(cfg, jax.random.PRNGKey(0)), cfg, ByteTokenizer(), "float32"

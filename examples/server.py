@@ -9,7 +9,9 @@ Then point any OpenAI client at http://127.0.0.1:8000/v1, e.g.
   client.chat.completions.create(model="SmolLM2-135M-Instruct",
                                  messages=[{"role": "user", "content": "Hi!"}])
 
-and run multi-agent rounds with POST /v1/sessions, POST /v1/sessions/{id}/rounds.
+and run multi-agent rounds with POST /v1/sessions, POST /v1/sessions/{id}/rounds. An
+unmodified multi-agent app pointed at it gets collective reuse on its concurrent chats
+(`--reuse tokendance`, the default; `--gather-ms` sets how long a chat waits for others).
 """
 
 import argparse

@@ -11,7 +11,6 @@ import ast
 import asyncio
 import json
 import pathlib
-import re
 import threading
 import time
 
@@ -28,45 +27,10 @@ from tokendance_jax.diffstore import MasterRegistry
 from tokendance_jax.engine import Engine
 from tokendance_jax.paging import PageAllocator
 from tokendance_jax.serve import BackgroundServer, create_app
+from tokendance_jax.serve.testing import ByteTokenizer
 
 MODEL = "tiny"
 POOL = CacheConfig(num_pages=96, page_size=8)
-
-
-class ByteTokenizer:
-  """A stand-in tokenizer for TINY: text bytes -> ids 3..255; id -> one printable character.
-
-  Like SmolLM2's, the ChatML markers are control tokens (<|im_start|> 1, <|im_end|> 2): raw
-  `encode` matches them anywhere, `encode_parts` only in template parts, never in user text.
-  """
-
-  SPECIAL = {"<|im_start|>": 1, "<|im_end|>": 2}
-  special_ids = (1, 2)
-  _SPLIT = re.compile("(" + "|".join(re.escape(s) for s in SPECIAL) + ")")
-
-  def encode(self, text: str) -> list[int]:
-    return self.encode_parts([(text, True)])
-
-  def encode_parts(self, parts) -> list[int]:
-    ids = []
-    for text, template in parts:
-      for j, piece in enumerate(self._SPLIT.split(text) if template else [text]):
-        ids += [self.SPECIAL[piece]] if j % 2 else [3 + b % 253 for b in piece.encode("utf-8")]
-    return ids
-
-  def decode(self, ids) -> str:
-    return "".join(chr(33 + int(i) % 94) for i in ids)
-
-  def chat_parts(self, messages) -> list[tuple[str, bool]]:
-    if not messages:
-      raise ValueError("messages is empty")
-    parts = []
-    for m in messages:
-      parts += [(f"<|im_start|>{m['role']}\n", True), (m["content"], False), ("<|im_end|>\n", True)]
-    return [*parts, ("<|im_start|>assistant\n", True)]
-
-  def apply_chat_template(self, messages) -> str:
-    return "".join(text for text, _ in self.chat_parts(messages))
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,10 @@ Endpoints:
 - `GET /health`, `GET /metrics` (Prometheus text, metrics.py): app.py.
 
 One `Worker` (worker.py, FastAPI-free) owns the engine and every session and runs all
-device work on its single thread. Request bodies and their checks are in schemas.py, the
+device work on its single thread. Every completion and chat shares the engine's one page
+pool (`ServerConfig.reuse`: none, prefix caching, or tokendance: chats waiting together
+are prefilled in one collective step, `implicit.py`); completion.py holds one request in
+flight. Request bodies and their checks are in schemas.py, the
 OpenAI error shape in errors.py, the knobs in config.py (`ServerConfig`), and
 `BackgroundServer` (uvicorn on a thread) in testing.py.
 """

@@ -1,8 +1,10 @@
 """`BackgroundServer`: a live uvicorn server for an app on a thread, for tests, benchmarks and
-notebooks (`with BackgroundServer(create_app(engine, tok)) as s: httpx.get(s.url + ...)`)."""
+notebooks (`with BackgroundServer(create_app(engine, tok)) as s: httpx.get(s.url + ...)`);
+`ByteTokenizer`: a stand-in tokenizer for the TINY random model."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -40,3 +42,39 @@ class BackgroundServer:
   def __exit__(self, *exc):
     self.server.should_exit = True
     self._thread.join(timeout=30)
+
+
+class ByteTokenizer:
+  """A stand-in tokenizer for TINY: text bytes -> ids 3..255; id -> one printable character.
+
+  Like SmolLM2's, the ChatML markers are control tokens (<|im_start|> 1, <|im_end|> 2): raw
+  `encode` matches them anywhere, `encode_parts` only in template parts, never in user text.
+  """
+
+  SPECIAL = {"<|im_start|>": 1, "<|im_end|>": 2}
+  special_ids = (1, 2)
+  _SPLIT = re.compile("(" + "|".join(re.escape(s) for s in SPECIAL) + ")")
+
+  def encode(self, text: str) -> list[int]:
+    return self.encode_parts([(text, True)])
+
+  def encode_parts(self, parts) -> list[int]:
+    ids = []
+    for text, template in parts:
+      for j, piece in enumerate(self._SPLIT.split(text) if template else [text]):
+        ids += [self.SPECIAL[piece]] if j % 2 else [3 + b % 253 for b in piece.encode("utf-8")]
+    return ids
+
+  def decode(self, ids) -> str:
+    return "".join(chr(33 + int(i) % 94) for i in ids)
+
+  def chat_parts(self, messages) -> list[tuple[str, bool]]:
+    if not messages:
+      raise ValueError("messages is empty")
+    parts = []
+    for m in messages:
+      parts += [(f"<|im_start|>{m['role']}\n", True), (m["content"], False), ("<|im_end|>\n", True)]
+    return [*parts, ("<|im_start|>assistant\n", True)]
+
+  def apply_chat_template(self, messages) -> str:
+    return "".join(text for text, _ in self.chat_parts(messages))
