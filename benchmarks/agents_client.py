@@ -52,8 +52,6 @@ NO_ANSWER = "(no answer)"
 UPDATE = ("Using the reasoning from other agents as additional advice, can you give an updated "
           "answer? Examine your solution and that of the other agents step by step.")
 
-
-
 PREAMBLE = (
     "The discussion is moderated by a coordinator who collects every answer at the end of a "
     "round and shows it to the other agents at the start of the next one. Each agent sees "
@@ -102,7 +100,6 @@ def build_messages(style: str, i: int, *, system: str, personas: list[str], name
     text = f"These are the solutions to the problem from other agents: {body}\n\n {UPDATE}"
     return msgs + [{"role": "user", "content": text}]
   raise ValueError(f"style {style!r}; expected one of {', '.join(STYLES)}")
-
 
 
 def pages_per_agent(samples: list[dict]) -> float | None:
@@ -154,7 +151,6 @@ async def _poll_metrics(url: str, period_s: float, samples: list[dict], stop: as
         pass
 
 
-
 async def _ask(client, model: str, messages: list[dict], max_tokens: int) -> dict:
   t0 = time.perf_counter()
   rec = {"start": t0, "error": None}
@@ -167,7 +163,9 @@ async def _ask(client, model: str, messages: list[dict], max_tokens: int) -> dic
                cached_reported=cached is not None,
                computed_tokens=r.usage.prompt_tokens - (cached or 0),
                completion_tokens=r.usage.completion_tokens,
-               text=r.choices[0].message.content or "")
+               text=r.choices[0].message.content or "",
+               # the server's own account of a collective step (absent on other paths)
+               step_requests=((r.model_extra or {}).get("tokendance") or {}).get("step_requests"))
   except Exception as e:  # noqa: BLE001 - recorded and counted, the round goes on
     keys = ("prompt_tokens", "cached_tokens", "computed_tokens", "completion_tokens", "text")
     rec.update(dict.fromkeys(keys), cached_reported=False, error=f"{type(e).__name__}: {e}")
@@ -209,8 +207,9 @@ def _round_record(r: int, recs: list[dict], samples: list[dict]) -> dict:
           "computed_tokens": sum(x["computed_tokens"] for x in ok),
           "cached_reported": bool(ok) and all(x["cached_reported"] for x in ok),
           "round_latency_s": t1 - t0, "pages_per_agent": pages_per_agent(samples),
-          "metrics_samples": len(samples)}
-
+          "metrics_samples": len(samples),
+          "step_requests": sorted({x["step_requests"] for x in ok
+                                   if x.get("step_requests") is not None})}
 
 
 def load_model(args):
@@ -264,13 +263,13 @@ def run_one(loaded, mode: str, style: str, prompts_for, args, label: str = "") -
   for rd in rounds:
     print(f"[{label}{mode}/{style}] round {rd['round']}: computed {rd['computed_tokens']} of "
           f"{rd['prompt_tokens']} prompt tokens, {rd['round_latency_s']:.2f} s, pages/agent "
-          f"{rd['pages_per_agent']}, errors {rd['errors']}", flush=True)
+          f"{rd['pages_per_agent']}, errors {rd['errors']}, collective steps of "
+          f"{rd['step_requests']}", flush=True)
   return {"status": "ok", "error": None, "errors": sum(rd["errors"] for rd in rounds),
           "rounds": rounds}
 
 
-
-def run_style(loaded, style: str, modes: list[str], args) -> dict:
+def run_style(loaded, style: str, modes: list[str], args, kept: dict | None = None) -> dict:
   """Every mode on one style, "none" first; later rounds' prompts from "none"'s answers."""
   tok = loaded[2]
   n = args.agents
@@ -291,8 +290,10 @@ def run_style(loaded, style: str, modes: list[str], args) -> dict:
     return prompts(None if r == 0 else (transcript[r - 1] if r - 1 < len(transcript)
                                         else [NO_ANSWER] * n))
 
-  runs = {}
-  for mode in modes:
+  runs = dict(kept or {})
+  if "none" in runs:
+    transcript = [answers(rd) for rd in runs["none"]["rounds"]]
+  for mode in [m for m in modes if m not in runs]:
     prompts_for = reference_prompts if mode == "none" else replay_prompts
     for _ in range(args.warmup):  # compiles this mode's shapes on a throwaway server
       run_one(loaded, mode, style, prompts_for, args, label="warmup ")
@@ -436,6 +437,11 @@ def parse_args(argv=None):
   p.add_argument("--warmup", type=int, default=1, help="throwaway runs per mode and style first")
   p.add_argument("--dtype", default=None)
   p.add_argument("--tiny", action="store_true", help="tiny random model (tests)")
+  p.add_argument("--keep-from", type=pathlib.Path, default=None,
+                 help="an earlier run's JSON (same config): modes not in --rerun are taken "
+                      "from it, not run again")
+  p.add_argument("--rerun", default="tokendance",
+                 help="with --keep-from: the modes to run again (comma-separated)")
   p.add_argument("--json", type=pathlib.Path, default=None)
   p.add_argument("--plot", type=pathlib.Path, default=None)
   args = p.parse_args(argv)
@@ -448,15 +454,34 @@ def parse_args(argv=None):
     print("note: adding mode 'none', the reference transcript for every mode", flush=True)
   args.modes = ["none", *[m for m in args.modes if m != "none"]]
   args.model_name = "tiny" if args.tiny else "SmolLM2-135M-Instruct"
+  args.rerun = [m for m in args.rerun.split(",") if m]
   return args
+
+
+def _kept_runs(args) -> dict:
+  """Runs of modes not re-run, from --keep-from (same config): {style: {mode: run}}."""
+  if args.keep_from is None:
+    return {}
+  old = json.loads(args.keep_from.read_text())
+  same = ("agents", "rounds", "max_tokens", "seed", "num_pages", "page_size", "tiny")
+  diff = [k for k in same if old["config"].get(k) != getattr(args, k)]
+  if diff:
+    raise SystemExit(f"--keep-from {args.keep_from}: its config differs in {diff}")
+  keep = [m for m in MODES if m not in args.rerun]
+  print(f"note: modes {keep} taken from {args.keep_from}", flush=True)
+  return {style: {m: run for m, run in old["runs"][style].items() if m in keep}
+          for style in args.styles}
 
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
   loaded = load_model(args)
-  runs = {style: run_style(loaded, style, args.modes, args) for style in args.styles}
+  kept = _kept_runs(args)
+  runs = {style: run_style(loaded, style, args.modes, args, kept.get(style))
+          for style in args.styles}
   summary, ratios, targets = summarize(runs)
-  config = {k: v for k, v in vars(args).items() if k not in ("json", "plot")}
+  config = {k: str(v) if isinstance(v, pathlib.Path) else v
+            for k, v in vars(args).items() if k not in ("json", "plot")}
   result = {"config": {**config, "model": args.model_name, "platform": platform.platform()},
             "runs": runs, "summary": summary, "ratios": ratios, "targets": targets,
             "errors": {m: sum(runs[s][m]["errors"] for s in runs) for m in args.modes},

@@ -60,6 +60,23 @@ def test_segments_share_chunks_seen_twice_and_keep_the_last_private():
   assert segments([Request([], SP, segments=marked)], lambda k: False, CHUNKS) == [marked]
 
 
+def test_the_last_tokens_before_the_generation_stay_private():
+  reqs = [Request(_prompt(i), SP) for i in range(3)]
+
+  def shared_ends(tail):
+    out = []
+    for r, segs in zip(reqs, segments(reqs, lambda k: False, CHUNKS, tail), strict=True):
+      pos = 0
+      for s in segs:
+        pos += len(s)
+        if s.shared:
+          out.append(len(r.ids) - pos)  # tokens after the shared chunk
+    return out
+
+  assert min(shared_ends(0)) < 110  # without a tail, shared chunks reach near the end
+  assert all(e >= 110 for e in shared_ends(110))
+
+
 def test_recompute_everything_equals_full_prefill(params):
   prompts = [_prompt(i) for i in range(3)]
   eng = Engine(params, TINY, cache_cfg=CC)
@@ -79,7 +96,7 @@ def test_recompute_everything_equals_full_prefill(params):
 
 def test_a_later_request_reads_masters_and_computes_less(params):
   eng = Engine(params, TINY, cache_cfg=CC)
-  ir = ImplicitRounds(eng, ReusePolicy(recompute=0.1), CHUNKS)
+  ir = ImplicitRounds(eng, ReusePolicy(recompute=0.1), CHUNKS, private_tail=0)
   first = ir.prefill([Request(_prompt(0), SP)])  # alone: every chunk private, then a master
   assert first[0].computed_tokens == len(_prompt(0))
   _decode(eng, first)

@@ -53,6 +53,7 @@ def _assert_no_leaks(worker):
 def _server(params, max_batch=16, pool=POOL, **config):
   engine = Engine(params, TINY, cache_cfg=pool, max_batch=max_batch)
   config.setdefault("session_pages", 160)
+  config.setdefault("reuse", "tokendance")  # the collective path, which most tests exercise
   config.setdefault("model_name", MODEL)
   app = create_app(engine, ByteTokenizer(), **config)
   return BackgroundServer(app), app.state.worker
@@ -584,7 +585,8 @@ def test_marked_chat_reuses_the_shared_document(live):
 def test_unmarked_chats_sent_together_share_one_collective_step(params):
   """Four clients at once, each prompt holding the other agents' outputs: one step holds all
   four, the outputs' chunks are read from masters, and each answer streams token by token."""
-  server, worker = _server(params, gather_ms=200, pool=CacheConfig(num_pages=256, page_size=8))
+  server, worker = _server(params, gather_ms=200, pool=CacheConfig(num_pages=256, page_size=8),
+                           chat_recompute=0.1, chat_private_tail=0)
   outs = [f"Agent {i} thinks the ferry leaves at {i + 9} and the bakery opens at dawn. "
           for i in range(4)]
 

@@ -7,8 +7,10 @@ requests waiting when the server runs a prefill step and treats them as one roun
 1. segments (`segments`): each prompt is cut into content-defined chunks
    (`chunking`), with forced cuts where message text meets the template's tokens. A
    chunk is shared when the registry holds a master of it or when it occurs twice or
-   more among the step's prompts; the others are private. The last chunk is always
-   private (its logits start the generation). Marked prompts bring their own segments.
+   more among the step's prompts; the others are private. Chunks ending in the last
+   `private_tail` tokens are always private: the tokens nearest the generation weigh
+   most on it (the client benchmark's outputs diverged at 10% recompute without it).
+   Marked prompts bring their own segments.
 2. the collective step (`RoundSession.prefill_wave` on the server engine's own pool):
    masters for the shared chunks that have none, made once in context, then the KV
    Collector's check, selection, copy-on-write and recompute for every agent in one
@@ -70,8 +72,11 @@ def control_cuts(ids: list[int], tok) -> tuple[int, ...]:
   return tuple(sorted({c for i, t in enumerate(ids) if t in special for c in (i, i + 1)}))
 
 
-def segments(requests: list[Request], has_master, cfg: ChunkConfig) -> list[list[Segment]]:
-  """Each request's segments (stage 1; see the module docstring)."""
+def segments(requests: list[Request], has_master, cfg: ChunkConfig,
+             private_tail: int = 0) -> list[list[Segment]]:
+  """Each request's segments (stage 1; see the module docstring). Chunks that end in the
+  last `private_tail` tokens stay private: the tokens nearest the generation weigh most
+  on it, and computing them exactly is cheap."""
   spans = [None if r.segments is not None else chunk_spans(r.ids, cfg, r.cuts)
            for r in requests]
   counts = collections.Counter(segment_key(r.ids[a:b]) for r, sp in zip(requests, spans,
@@ -86,7 +91,8 @@ def segments(requests: list[Request], has_master, cfg: ChunkConfig) -> list[list
     for i, (a, b) in enumerate(sp):
       tokens = tuple(r.ids[a:b])
       key = segment_key(tokens)
-      shared = i < len(sp) - 1 and b - a >= cfg.min_len and (has_master(key) or counts[key] > 1)
+      shared = (i < len(sp) - 1 and b <= len(r.ids) - private_tail and b - a >= cfg.min_len
+                and (has_master(key) or counts[key] > 1))
       if not shared and segs and not segs[-1].shared and b - a < cfg.min_len:
         segs[-1] = Segment(segs[-1].tokens + tokens)  # a short private tail joins the run
       else:
@@ -99,8 +105,10 @@ class ImplicitRounds:
   """Collective reuse steps on a server's engine (see the module docstring)."""
 
   def __init__(self, engine: Engine, policy: ReusePolicy = ReusePolicy(),
-               chunks: ChunkConfig = ChunkConfig()):
-    self.engine, self.chunks = engine, chunks
+               chunks: ChunkConfig = ChunkConfig(), private_tail: int = 64):
+    if private_tail < 0:
+      raise ValueError(f"private_tail={private_tail} must be >= 0")
+    self.engine, self.chunks, self.private_tail = engine, chunks, private_tail
     self.rs = RoundSession(engine.params, engine.cfg, method="tokendance", policy=policy,
                            engine=engine, quality=False, keep_masters=True)
     self.step_sizes: list[int] = []  # requests admitted by each collective step
@@ -115,7 +123,7 @@ class ImplicitRounds:
     admitted), OutOfPages when the first prompt cannot fit even alone."""
     registry = self.rs.masters
     known = set(registry.masters)
-    segs = segments(requests, known.__contains__, self.chunks)
+    segs = segments(requests, known.__contains__, self.chunks, self.private_tail)
     rnd = Round([AgentPrompt(f"r{i}", s, max_tokens=r.params.max_tokens)
                  for i, (r, s) in enumerate(zip(requests, segs, strict=True))])
     wave, agents, first, stats = self.rs.prefill_wave(rnd, [r.params for r in requests])

@@ -38,13 +38,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                  help="use the Pallas kernels on CPU too (interpret mode; slow)")
   p.add_argument("--num-pages", type=int, default=1024, help="pages in the engine's KV pool")
   p.add_argument("--page-size", type=int, default=16)
-  p.add_argument("--reuse", default="tokendance", choices=list(REUSE_MODES),
-                 help="K/V reuse on the engine's pool: none, prefix (automatic prefix caching) "
-                      "or tokendance (default: prefix caching, and chats waiting together share "
+  p.add_argument("--reuse", default="prefix", choices=list(REUSE_MODES),
+                 help="K/V reuse on the engine's pool: none, prefix (default: automatic prefix "
+                      "caching) or tokendance (prefix caching, and chats waiting together share "
                       "spans found by content in one collective step)")
-  p.add_argument("--gather-ms", type=float, default=20.0,
-                 help="how long a chat waits for others to join its collective step")
-  p.add_argument("--chat-recompute", type=float, default=0.10,
+  p.add_argument("--gather-ms", type=float, default=50.0,
+                 help="a collective step starts once no chat arrived for this long (at most "
+                      "10x after the first)")
+  p.add_argument("--chat-recompute", type=float, default=0.30,
                  help="fraction of each chat's shared tokens recomputed (tokendance)")
   p.add_argument("--chat-masters", default="context", choices=list(MASTERS),
                  help="how shared spans without a master get one: context (default: in one "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from typing import Any
 
 from tokendance_jax.implicit import Request
@@ -29,6 +30,7 @@ class Completion:
   request: Request | None = None  # a chat for the collective step (reuse "tokendance")
   agent: Any = None  # its AgentState once prefilled: the worker releases its table at the end
   cached_tokens: int | None = None  # prompt tokens not computed (None: read from `seq`)
+  arrived: float = dataclasses.field(default_factory=time.monotonic)  # when it was submitted
   reuse: dict | None = None  # what its collective step did for it (the response's "tokendance")
 
 

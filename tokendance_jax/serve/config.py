@@ -27,18 +27,24 @@ class ServerConfig:
   state_dir: str | None = None  # session snapshots (orbax): restored on start, saved on shutdown
   snapshot_keep: int = 2
   # How requests reuse K/V, all on the engine's one page pool: "none"; "prefix" (automatic
-  # prefix caching); "tokendance" (prefix caching, and chat requests waiting together are
-  # prefilled in one collective step, their shared spans found by content-defined chunks
-  # and read from masters; marked spans are shared as marked).
-  reuse: str = "tokendance"
-  gather_ms: float = 20.0  # a chat request waits this long for others to join its step
+  # prefix caching, the default); "tokendance" (prefix caching, and chat requests waiting
+  # together are prefilled in one collective step, their shared spans found by
+  # content-defined chunks and read from masters; marked spans are shared as marked). Not
+  # the default: on benchmarks/agents_client.py it computed about as much as "prefix" at the
+  # recompute that kept outputs close (README, Serving).
+  reuse: str = "prefix"
+  gather_ms: float = 50.0  # a chat's step waits until no other chat arrived for this long
   # content-defined chunks: a boundary every ~chunk_avg tokens past chunk_min, at most
   # chunk_max apart (16 / 16: the best hit rate per KV page in benchmarks/chunk_sweep.py)
   chunk_avg: int = 16
   chunk_min: int = 16
   chunk_max: int = 256
   chat_select: str = "block"
-  chat_recompute: float = 0.10
+  # 30% of shared tokens recomputed, and the last 64 prompt tokens always computed: the
+  # lowest setting that reproduced no-reuse greedy outputs on the client benchmark's prompts
+  # (10% did not: nearly every prompt is shared text there)
+  chat_recompute: float = 0.30
+  chat_private_tail: int = 64
   chat_masters: str = "context"  # how masters of shared spans are made (ReusePolicy.masters)
 
   def __post_init__(self):
@@ -53,6 +59,8 @@ class ServerConfig:
       raise ValueError(f"gather_ms={self.gather_ms} must be in [0, 10000]")
     self.chunk_config()  # checks the chunk sizes
     self.reuse_policy()  # checks select, recompute and masters
+    if self.chat_private_tail < 0:
+      raise ValueError(f"chat_private_tail={self.chat_private_tail} must be >= 0")
 
   def chunk_config(self) -> ChunkConfig:
     return ChunkConfig(avg=self.chunk_avg, min_len=self.chunk_min, max_len=self.chunk_max)

@@ -2,7 +2,8 @@
 
 Every completion runs on the engine's one page pool and scheduler. With reuse
 "prefix" or "tokendance" the engine caches prefixes; with "tokendance", chat
-requests (`Completion.request`) first wait up to `gather_ms` for others, then all
+requests (`Completion.request`) first wait for others (until none has arrived for
+`gather_ms`, at most 10 x `gather_ms` after the first), then all
 those waiting go through one collective prefill step (`implicit.ImplicitRounds`)
 and are adopted by the engine, decoded and streamed like any other request.
 
@@ -72,10 +73,11 @@ class Worker:
       raise ValueError("reuse='none' needs an engine without prefix caching")
     if config.reuse != "none":
       engine.enable_prefix_caching()
-    self.implicit = (ImplicitRounds(engine, config.reuse_policy(), config.chunk_config())
+    self.implicit = (ImplicitRounds(engine, config.reuse_policy(), config.chunk_config(),
+                                    config.chat_private_tail)
                      if config.reuse == "tokendance" else None)
     self._gather: list[Completion] = []  # chats waiting for the next collective step
-    self._gather_since = 0.0  # when the oldest of them arrived (monotonic)
+    self._gather_since = self._gather_last = 0.0  # when the first and the last arrived
     self._gather_blocked = False  # the last step found no pages: retry once one is freed
     self.store = None
     if config.state_dir is not None:
@@ -199,7 +201,8 @@ class Worker:
         await self._run_call(loop, job)
       elif job.request is not None:
         if not self._gather:
-          self._gather_since = time.monotonic()
+          self._gather_since = job.arrived
+        self._gather_last = max(self._gather_last, job.arrived)
         self._gather.append(job)
       else:
         self._admit(job)
@@ -210,18 +213,25 @@ class Worker:
 
   # -- the collective step (reuse "tokendance") --
 
+  def _gather_deadline(self) -> float:
+    """When the gather window closes: `gather_ms` after the last chat arrived (clients of
+    one round send within milliseconds of each other, but their prompts are rendered one
+    by one), and never later than 10 x `gather_ms` after the first."""
+    g = self.config.gather_ms / 1000
+    return min(self._gather_last + g, self._gather_since + 10 * g)
+
   def _gather_ready(self) -> bool:
     """Chats wait for the step until the gather window closes, and after a step found the
     pool full, until a request ends (or none is left running to end)."""
     if not self._gather or (self._gather_blocked and self._active):
       return False
-    return time.monotonic() - self._gather_since >= self.config.gather_ms / 1000
+    return time.monotonic() >= self._gather_deadline()
 
   def _gather_wait(self) -> float | None:
     """Seconds until the gather window closes (None: nothing is gathering)."""
     if not self._gather:
       return None
-    return max(self._gather_since + self.config.gather_ms / 1000 - time.monotonic(), 0.0)
+    return max(self._gather_deadline() - time.monotonic(), 0.0)
 
   async def _collective(self, loop) -> None:
     """Prefill every gathered chat in one collective step; those that do not fit wait."""
@@ -246,7 +256,7 @@ class Worker:
         return
       waiting = []  # one bad prompt fails alone: each request in a step of its own
       for c in batch:
-        self._gather, self._gather_since = [c], 0.0
+        self._gather, self._gather_since, self._gather_last = [c], 0.0, 0.0
         await self._collective(loop)
         waiting += self._gather
       self._gather = waiting
@@ -269,7 +279,7 @@ class Worker:
     self._gather_blocked = False
     took = {a.index for a in admitted}
     self._gather = [c for i, c in enumerate(batch) if i not in took]
-    self._gather_since = time.monotonic() - self.config.gather_ms / 1000  # no second wait
+    self._gather_since = self._gather_last = 0.0  # those left wait no second window
     self.metrics.observe_collective_step(len(admitted))
     for a in admitted:
       c = batch[a.index]
