@@ -133,7 +133,8 @@ def test_reclaimers_are_asked_in_order_until_enough_is_free():
   spare = {"first": held[:1], "second": held[1:2]}  # each can free one page, once
 
   def reclaimer(name):
-    def fn(n):
+    def fn(n, shard):
+      assert shard == 0
       asked.append((name, n))
       pages, spare[name] = spare[name], []
       return len(alloc.free(pages))

@@ -7,9 +7,12 @@ collective step, decodes and hands over before the next one starts, and
 every wave reads the same masters. Only an agent that cannot fit alone
 raises `OutOfPages`.
 
-`plan_waves` is the pure part; the session estimates each agent's pages (an
+`place_waves` is the pure part; the session estimates each agent's pages (an
 upper bound: its fresh prompt pages, the most copy-on-write pages its
-recompute budget can touch, and its output pages).
+recompute budget can touch, and its output pages). On a pool sharded over
+devices it also places each agent on a shard: the one where it needs the
+fewest pages (a prefix-cache hit lives on one shard), then the one with the
+most room left in the wave, so the shards' pages balance.
 """
 
 from __future__ import annotations
@@ -18,22 +21,45 @@ from tokendance_jax.paging import OutOfPages
 
 
 def plan_waves(needs: list[int], available: int, names: list[str] | None = None) -> list[list[int]]:
-  """Split agents 0..n-1 (in order) into waves whose summed `needs` fit `available` pages.
+  """Split agents 0..n-1 (in order) into waves whose summed `needs` fit `available` pages
+  (`place_waves` on one shard).
 
   Raises OutOfPages naming the first agent that needs more than `available` alone.
   """
-  names = names or [str(i) for i in range(len(needs))]
-  waves: list[list[int]] = []
-  cur, used = [], 0
-  for i, need in enumerate(needs):
-    if need > available:
-      raise OutOfPages(need, available,
-                       f"agent {names[i]!r} alone needs up to {need} pages and {available} are "
-                       "free after the round's masters and cached pages; a bigger pool "
-                       "(--num-pages) or a shorter prompt is needed")
-    if cur and used + need > available:
+  return [[i for i, _ in w] for w in place_waves([needs], [available], names)]
+
+
+def place_waves(needs: list[list[int]], available: list[int],
+                names: list[str] | None = None) -> list[list[tuple[int, int]]]:
+  """Agents 0..n-1 (in order) in waves of (agent, shard), each shard's summed needs in a
+  wave within its `available` pages.
+
+  needs[d][i]: pages agent i needs on shard d; available[d]: shard d's pages.
+  Raises OutOfPages naming the first agent that fits no shard alone.
+  """
+  if len(needs) != len(available):
+    raise ValueError(f"needs for {len(needs)} shards, pages for {len(available)}")
+  n = len(needs[0]) if needs else 0
+  names = names or [str(i) for i in range(n)]
+  shards = range(len(available))
+  waves: list[list[tuple[int, int]]] = []
+  cur, used = [], [0] * len(available)
+  for i in range(n):
+    if all(needs[d][i] > available[d] for d in shards):
+      d = max(shards, key=lambda d: available[d] - needs[d][i])
+      where = f" on any of the {len(available)} pool shards (shard {d} has the most room)" \
+          if len(available) > 1 else ""
+      raise OutOfPages(needs[d][i], available[d],
+                       f"agent {names[i]!r} alone needs up to {needs[d][i]} pages and "
+                       f"{available[d]} are free{where} after the round's masters and cached "
+                       "pages; a bigger pool (--num-pages) or a shorter prompt is needed",
+                       shard=d if len(available) > 1 else None)
+    fits = [d for d in shards if used[d] + needs[d][i] <= available[d]]
+    if not fits:
       waves.append(cur)
-      cur, used = [], 0
-    cur.append(i)
-    used += need
+      cur, used = [], [0] * len(available)
+      fits = [d for d in shards if needs[d][i] <= available[d]]
+    d = min(fits, key=lambda d: (needs[d][i], used[d] + needs[d][i] - available[d], d))
+    cur.append((i, d))
+    used[d] += needs[d][i]
   return waves + [cur] if cur else waves

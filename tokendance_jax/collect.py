@@ -48,7 +48,7 @@ class Collector:
         src, dst = [], []
         for a in agents:  # the request's own dense copy of every reused block
           for b0, n, seg in a.shared_spans():
-            src += ctx.masters.get(seg.key).pages[:n]
+            src += ctx.masters.get(seg.key).on(a.table.shard)[:n]
             dst += a.table.pages[b0:b0 + n]
         ctx.copy(src, dst)
       stats["pages_copied"] += len(src)
@@ -140,17 +140,17 @@ class Collector:
     for group in selection.token_groups(sizes, engine.max_prefill_tokens):
       chunks = [(tables[i], agents[i].tokens, np.arange(agents[i].exact_head,
                                                         len(agents[i].tokens))) for i in group]
-      batch, _ = build_batch(chunks)
+      batch, *_ = build_batch(chunks)
       reuse = np.full(batch.tokens.shape[0], -1, np.int32)
       cursor = 0
       for i in group:
         a, h, n = agents[i], agents[i].exact_head, len(agents[i].tokens)
         reuse[cursor:cursor + n - h] = np.where(a.shared_mask[h:], a.table.slots(h, n), -1)
         cursor += n - h
-      if engine.mesh_plan is not None:
-        batch, = engine.place(batch)
-        reuse = engine.mesh_plan.shard_tokens(reuse)
-      check = engine.jitted(collector.check_deviation, 2, self._scratch_sharding())
+      plan = self._scratch_plan()
+      if plan is not None:
+        batch, reuse = plan.shard_batch(batch), plan.shard_tokens(reuse)
+      check = engine.jitted(collector.check_deviation, 2, self._scratch_sharding(), plan)
       dev, norm, scratch = check(engine.params, scratch, engine.cache.k[layer], batch, reuse,
                                  cfg=ctx.cfg, attn=engine.attn, check_layer=layer)
       dev, norm, cursor = np.asarray(dev), np.asarray(norm), 0
@@ -168,7 +168,7 @@ class Collector:
     alloc, src, dst = self.ctx.allocator, [], []
     for a, sel in zip(agents, selected, strict=True):
       for b, keep_rest in selection.copy_on_write_plan(a.table, sel, a.shared_blocks()):
-        master, own = a.table.pages[b], alloc.alloc(1)[0]
+        master, own = a.table.pages[b], alloc.alloc(1, a.table.shard)[0]
         if keep_rest:  # a partly recomputed block keeps the rest of the master's K/V
           src.append(master)
           dst.append(own)
@@ -186,14 +186,21 @@ class Collector:
     if self.scratch is None or self.scratch.num_pages < pages:
       sub = dataclasses.replace(ctx.cfg, n_layers=ctx.policy.check_layer + 1)
       sub_pool = dataclasses.replace(ctx.cache_cfg, num_pages=pages)
-      plan = ctx.engine.mesh_plan
+      plan = self._scratch_plan()
       self.scratch = (model.KVCache.create(sub, sub_pool) if plan is None
                       else plan.create_cache(sub, sub_pool))
     return self.scratch
 
+  def _scratch_plan(self):
+    """The engine's mesh plan with the whole scratch cache on every `data` shard: its page
+    ids are the check's own, not the pool's shards (the check's reads of the pool are
+    XLA's gathers)."""
+    plan = self.ctx.engine.mesh_plan
+    return None if plan is None else plan.with_replicated_pool()
+
   def _scratch_sharding(self):
     ctx = self.ctx
-    plan = ctx.engine.mesh_plan
+    plan = self._scratch_plan()
     if plan is None:
       return None
     sub_pool = dataclasses.replace(ctx.cache_cfg, num_pages=self.scratch.num_pages)

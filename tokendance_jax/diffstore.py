@@ -8,6 +8,8 @@ dense is ever rebuilt: the attention kernels read the mirror's table.
 
 The registry holds one page reference per master page; each mirror that
 lists a page holds another, so a master lives until its last reader is gone.
+On a pool sharded over devices a master has one replica per shard (one copy
+per shard, not per agent); an agent reads the replica on its own shard.
 """
 
 from __future__ import annotations
@@ -23,11 +25,20 @@ from tokendance_jax.paging import BlockTable, PageAllocator
 class Master:
   key: str
   tokens: tuple[int, ...]
-  pages: list[int]
+  replicas: list[list[int]]  # the master's pages on each pool shard (one list per shard)
   source: str  # "context", "prefill" (standalone after the anchor) or "decode" (an output)
   # segment_key of the tokens this master was computed after (None: unknown, e.g. decode).
   # A reader whose prompt holds exactly these tokens before the segment gets its K/V exactly.
   context: str | None = None
+
+  @property
+  def pages(self) -> list[int]:
+    """Every page of every replica (what the registry holds references on)."""
+    return [p for r in self.replicas for p in r]
+
+  def on(self, shard: int) -> list[int]:
+    """The replica on `shard`."""
+    return self.replicas[shard]
 
 
 class MasterRegistry:
@@ -44,13 +55,19 @@ class MasterRegistry:
     self.masters[key] = self.masters.pop(key)  # most recently used last
     return self.masters[key]
 
-  def add(self, key: str, tokens, pages: list[int], source: str,
+  def add(self, key: str, tokens, replicas: list[list[int]], source: str,
           context: str | None = None) -> None:
-    """Register pages (the caller's references pass to the registry)."""
+    """Register one replica's pages per pool shard (the caller's references pass to the
+    registry)."""
+    if len(replicas) != self.allocator.shards:
+      raise ValueError(f"master {key[:12]}: {len(replicas)} replicas for a pool of "
+                       f"{self.allocator.shards} shard(s)")
+    if any(self.allocator.shard_of(p) != s for s, r in enumerate(replicas) for p in r):
+      raise ValueError(f"master {key[:12]}: a replica's pages are on another shard")
     if key in self.masters:
-      self.allocator.free(pages)  # an identical block is already stored
+      self.allocator.free([p for r in replicas for p in r])  # an identical block is stored
       return
-    self.masters[key] = Master(key, tuple(tokens), list(pages), source, context)
+    self.masters[key] = Master(key, tuple(tokens), [list(r) for r in replicas], source, context)
 
   def retain_only(self, keys) -> int:
     """Drop masters not in `keys`; returns how many were dropped."""
@@ -62,17 +79,19 @@ class MasterRegistry:
   def clear(self) -> None:
     self.retain_only(())
 
-  def evict(self, needed: int) -> int:
+  def evict(self, needed: int, shard: int | None = None) -> int:
     """Free masters no table reads any more, least recently used first, until `needed`
-    pages are free; returns the pages freed (an allocator `reclaim` hook)."""
+    pages (of `shard`, or any) are free; returns those pages (an allocator `reclaim` hook).
+    A master goes with all its replicas."""
     freed = 0
     for key in list(self.masters):
       if freed >= needed:
         break
-      pages = self.masters[key].pages
-      if all(self.allocator.refcount(p) == 1 for p in pages):
+      m = self.masters[key]
+      if all(self.allocator.refcount(p) == 1 for p in m.pages):
         del self.masters[key]
-        freed += len(self.allocator.free(pages))
+        self.allocator.free(m.pages)
+        freed += len(m.pages if shard is None else m.on(shard))
     return freed
 
   @property

@@ -118,6 +118,20 @@ _JIT_KW = {
 }
 
 
+def _row_sampling(params, steps, row_of, batch) -> sampling.SamplingArrays:
+  """Per-chunk sampling params and steps, scattered to their batch rows."""
+  rows = batch.block_tables.shape[0]
+  by_row, step = [None] * rows, [0] * rows
+  for p, n, r in zip(params, steps, row_of, strict=True):
+    by_row[r], step[r] = p, n
+  return sampling.SamplingArrays.from_params(by_row, step, rows)
+
+
+@functools.partial(jax.jit, static_argnames=("plan",), donate_argnames=("cache",))
+def _copy_sharded(cache, src, dst, *, plan):
+  return model.KVCache(*sharding.shard_copy_pages(plan, cache.k, cache.v, src, dst))
+
+
 class Engine:
   """Paged, continuously batched generation for one model.
 
@@ -148,7 +162,11 @@ class Engine:
     self.params = params if self.mesh_plan is None else self.mesh_plan.shard_params(params, cfg)
     self.cache = self._new_cache()
     self.cache_epoch = 0  # bumped each time the cache is lost (`CacheLost`)
-    self.allocator = PageAllocator(cache_cfg.num_pages)
+    shards = self.mesh_plan.shards if self.mesh_plan is not None else 1
+    if cache_cfg.num_pages % shards:
+      raise ValueError(f"num_pages={cache_cfg.num_pages} must divide by the {shards} pool "
+                       f"shards of the mesh's data axis")
+    self.allocator = PageAllocator(cache_cfg.num_pages, shards)
     self.prefix = PrefixCache(self.allocator) if prefix_caching else None
     self.waiting: collections.deque[Sequence] = collections.deque()
     self.running: list[Sequence] = []
@@ -177,8 +195,10 @@ class Engine:
       raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = "
                        f"{total} exceeds the model context {self.cfg.max_seq_len}")
     need = pages_needed(total, self.cache_cfg.page_size)
-    if need > self.cache_cfg.num_pages - 1:
-      raise ValueError(f"request needs {need} pages; the pool has {self.cache_cfg.num_pages - 1}")
+    room = self.allocator.pages_per_shard - 1
+    if need > room:
+      where = f" per shard ({self.allocator.shards} shards)" if self.allocator.shards > 1 else ""
+      raise ValueError(f"request needs {need} pages; the pool has {room}{where}")
     seq = Sequence(seq_id=next(self._ids), prompt=prompt, params=params,
                    table=BlockTable(self.cache_cfg.page_size), tokens=list(prompt))
     self.waiting.append(seq)
@@ -272,8 +292,10 @@ class Engine:
   def _admit(self) -> None:
     while self.waiting and len(self.running) < self.max_batch:
       seq = self.waiting[0]
-      if self.prefix is not None and not seq.table.pages:
-        self._match_prefix(seq)
+      if not seq.table.pages:
+        seq.table.shard = self._place(seq)
+        if self.prefix is not None:
+          self._match_prefix(seq)
       try:
         seq.table.ensure(len(seq.tokens), self.allocator)
       except OutOfPages:
@@ -282,6 +304,20 @@ class Engine:
         return
       self.running.append(self.waiting.popleft())
 
+  def _place(self, seq: Sequence) -> int:
+    """The pool shard for a sequence with no pages yet: the longest prefix-cache hit, then
+    the most free pages."""
+    a = self.allocator
+    if a.shards == 1:
+      return 0
+    hit = lambda d: len(self.prefix.peek(self._prompt_blocks(seq), d)) if self.prefix else 0  # noqa: E731
+    return max(range(a.shards), key=lambda d: (hit(d), a.free_in(d), -d))
+
+  def _prompt_blocks(self, seq: Sequence) -> list[tuple[int, ...]]:
+    """seq's full prompt blocks before its last token (those prefix caching may serve)."""
+    ps = self.cache_cfg.page_size
+    return [tuple(seq.prompt[i:i + ps]) for i in range(0, (len(seq.prompt) - 1) // ps * ps, ps)]
+
   def _match_prefix(self, seq: Sequence) -> None:
     """Serve seq's leading full blocks from the prefix cache where it holds them.
 
@@ -289,15 +325,13 @@ class Engine:
     computed, its logits sample the first output. Blocks past those already
     taken replace the table's fresh pages (or start an empty table).
     """
-    ps = self.cache_cfg.page_size
-    blocks = [tuple(seq.prompt[i:i + ps]) for i in range(0, (len(seq.prompt) - 1) // ps * ps, ps)]
-    if len(self.prefix.peek(blocks)) <= seq.cached_blocks:
+    ps, shard = self.cache_cfg.page_size, seq.table.shard
+    blocks = self._prompt_blocks(seq)
+    if len(self.prefix.peek(blocks, shard)) <= seq.cached_blocks:
       return
-    hits = self.prefix.match(blocks)  # one reference on each, including those seq holds
+    hits = self.prefix.match(blocks, shard)  # one reference on each, including those seq holds
     self.allocator.free(hits[:seq.cached_blocks])
     new = hits[seq.cached_blocks:]
-    if not new:
-      return
     if seq.table.pages:
       seq.table.replace_pages(seq.cached_blocks, new, self.allocator)
     else:
@@ -339,13 +373,15 @@ class Engine:
         seq.table.ensure(len(seq.tokens), self.allocator)
         i += 1
       except OutOfPages as e:
-        if len(self.running) == 1:
+        a, shard = self.allocator, seq.table.shard
+        same = [s for s in self.running if s.table.shard == shard]  # pages come from its shard
+        if len(same) == 1:
           raise OutOfPages(e.requested, e.free,
                            f"sequence {seq.seq_id} needs a page to grow past "
                            f"{len(seq.tokens) - 1} tokens and no other sequence holds pages "
-                           f"to preempt ({self.allocator.num_used} of "
-                           f"{self.cache_cfg.num_pages - 1} pages in use)") from None
-        self._preempt(self.running[-1])
+                           f"to preempt ({a.used_in(shard)} of {a.pages_per_shard - 1} pages "
+                           "in use)", shard=e.shard) from None
+        self._preempt(same[-1])
     return [(s, 1) for s in self.running]
 
   def _preempt(self, seq: Sequence) -> None:
@@ -362,21 +398,19 @@ class Engine:
   # -- execution ---------------------------------------------------------------
 
   def _run(self, chunks: list[tuple[Sequence, int]], decode: bool) -> None:
-    batch, sampled_rows = self._build_batch(chunks, decode)
-    rows = batch.block_tables.shape[0]
-    samp = sampling.SamplingArrays.from_params(
-        [s.params if r in sampled_rows else None for r, (s, _) in enumerate(chunks)],
-        [len(s.output) for s, _ in chunks], rows)
+    batch, sampled, row_of = self._build_batch(chunks, decode)
+    samp = _row_sampling([s.params if i in sampled else None for i, (s, _) in enumerate(chunks)],
+                         [len(s.output) for s, _ in chunks], row_of, batch)
     batch, samp = self.place(batch, samp)
     tokens, = self.donate(self.jitted(_model_step, 1), batch, samp, cfg=self.cfg, attn=self.attn,
                           decode=decode)
     tokens = np.asarray(tokens)  # the step's one device-to-host copy
-    for r, (seq, n) in enumerate(chunks):
+    for i, (seq, n) in enumerate(chunks):
       seq.num_computed += n
       if self.prefix is not None:
         self._cache_blocks(seq)
-      if r in sampled_rows:
-        self._append(seq, int(tokens[r]))
+      if i in sampled:
+        self._append(seq, int(tokens[row_of[i]]))
 
   def prefill(self, chunks, want_logits: bool = False,
               params: list[SamplingParams | None] | None = None):
@@ -410,24 +444,30 @@ class Engine:
   def _prefill_batch(self, items, params, want_logits, firsts, logps) -> None:
     if not items:
       return
-    batch, rows = build_batch([(t, toks, pos) for _, t, toks, pos in items])
+    batch, sampled, row_of = build_batch([(t, toks, pos) for _, t, toks, pos in items],
+                                         shards=self.allocator.shards)
     greedy = SamplingParams(max_tokens=1)
-    samp = sampling.SamplingArrays.from_params(
-        [(params[i] or greedy) if r in rows else None for r, (i, *_) in enumerate(items)],
-        [0] * len(items), batch.block_tables.shape[0])
+    samp = _row_sampling([(params[i] or greedy) if j in sampled else None
+                          for j, (i, *_) in enumerate(items)], [0] * len(items), row_of, batch)
     batch, samp = self.place(batch, samp)
     tokens, logp = self.donate(self.jitted(_model_step_logits, 2), batch, samp, cfg=self.cfg,
                                attn=self.attn)
     tokens = np.asarray(tokens)
-    for r, (i, *_) in enumerate(items):
-      if r in rows:
-        firsts[i] = int(tokens[r])
+    for j, (i, *_) in enumerate(items):
+      if j in sampled:
+        firsts[i] = int(tokens[row_of[j]])
         if want_logits:
-          logps[i] = logp[r]
+          logps[i] = logp[row_of[j]]
 
   def copy_pages(self, src, dst) -> None:
-    """Copy pages src[i] -> dst[i] in every layer (padded page lists; see collector.copy_pages)."""
-    self.donate(lambda _, cache: (collector.copy_pages(cache, src, dst),))
+    """Copy pages src[i] -> dst[i] in every layer (padded page lists; see collector.copy_pages);
+    on a sharded pool across shards too (`sharding.shard_copy_pages`)."""
+    plan = self.mesh_plan
+    if plan is None or not plan.pages_sharded:
+      self.donate(lambda _, cache: (collector.copy_pages(cache, src, dst),))
+      return
+    src, dst = plan.replicate((np.asarray(src, np.int32), np.asarray(dst, np.int32)))
+    self.donate(lambda _, cache: (_copy_sharded(cache, src, dst, plan=plan),))
 
   def donate(self, step, *args, **kwargs) -> tuple:
     """`step(params, cache, *args, **kwargs)`, which donates the cache and returns its outputs
@@ -459,13 +499,14 @@ class Engine:
       return (batch, *replicated)
     return (self.mesh_plan.shard_batch(batch), *self.mesh_plan.replicate(replicated))
 
-  def jitted(self, step, n_out: int, cache_sharding=None):
+  def jitted(self, step, n_out: int, cache_sharding=None, plan=None):
     """`step` (a jitted fn returning n_out outputs, then a cache) as run on this engine.
 
     Without a mesh it is `step` itself; with one, the same function compiled
-    once per mesh with replicated outputs and the cache pinned in its sharding.
+    once per mesh (or per `plan`, e.g. a scratch cache's) with replicated outputs
+    and the cache pinned in its sharding.
     """
-    plan = self.mesh_plan
+    plan = plan or self.mesh_plan
     if plan is None:
       return step
     cache_sharding = cache_sharding or plan.cache_sharding(self.cfg, self.cache_cfg)
@@ -473,8 +514,9 @@ class Engine:
     return sharding.jit_step(step.__wrapped__, plan, out, **_JIT_KW[step.__name__])
 
   def _build_batch(self, chunks, decode: bool):
-    """Pad the chunks into a bucketed `model.Batch`; returns it and the rows that sample."""
-    return build_batch([(s.table, s.tokens, s.num_computed, n) for s, n in chunks], decode)
+    """Pad the chunks into a bucketed `model.Batch` (`batch.build_batch`)."""
+    return build_batch([(s.table, s.tokens, s.num_computed, n) for s, n in chunks], decode,
+                       shards=self.allocator.shards)
 
   def _append(self, seq: Sequence, token: int) -> None:
     seq.tokens.append(token)

@@ -75,28 +75,30 @@ def release(agents: list[AgentState], allocator: PageAllocator) -> None:
     a.table.release(allocator)
 
 
-def layout_wave(prompts, method, ctx) -> list[AgentState]:
-  """Block tables for a wave's prompts; on failure every page taken is released."""
+def layout_wave(prompts, method, ctx, shards: list[int] | None = None) -> list[AgentState]:
+  """Block tables for a wave's prompts, prompt i's on pool shard shards[i] (default 0); on
+  failure every page taken is released."""
   agents: list[AgentState] = []
+  shards = shards or [0] * len(prompts)
   try:
-    for p in prompts:
-      agents.append(_layout(p, method, ctx))
+    for p, shard in zip(prompts, shards, strict=True):
+      agents.append(_layout(p, method, ctx, shard))
   except BaseException:
     release(agents, ctx.allocator)
     raise
   return agents
 
 
-def _layout(prompt: AgentPrompt, method, ctx) -> AgentState:
-  a = AgentState(prompt.agent_id, prompt.tokens, prompt.max_tokens, BlockTable(ctx.page_size),
-                 [], num_prompt=prompt.num_tokens)
-  hits = method.layout_hits(prompt, ctx)  # leading pages already computed (prefix caching)
+def _layout(prompt: AgentPrompt, method, ctx, shard: int) -> AgentState:
+  a = AgentState(prompt.agent_id, prompt.tokens, prompt.max_tokens,
+                 BlockTable(ctx.page_size, shard), [], num_prompt=prompt.num_tokens)
+  hits = method.layout_hits(prompt, ctx, shard)  # leading pages computed (prefix caching)
   n_hits = len(hits)
   try:
     pos = 0
     for seg in prompt.segments:
       a.seg_spans.append((pos, len(a.table.pages), seg))
-      a.table.append_segment(method.segment_pages(seg, hits, ctx), len(seg))
+      a.table.append_segment(method.segment_pages(seg, hits, ctx, shard), len(seg))
       pos += len(seg)
   except BaseException:
     a.table.release(ctx.allocator)

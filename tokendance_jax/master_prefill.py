@@ -12,7 +12,9 @@ stage runs those plans on the engine and registers the results in the
 
 With `keep_masters`, the masters a round uses are pinned (one extra
 reference) so the registry's eviction cannot take them mid-round; `unpin`
-drops those references. Every page a failed prefill took is freed.
+drops those references. Every page a failed prefill took is freed. On a
+sharded pool a master is computed on the shard with the most free pages and
+copied to every other shard (`RoundContext.replicate`).
 """
 
 from __future__ import annotations
@@ -64,19 +66,19 @@ class MasterBuilder:
     its K/V is not what a prompt with the same tokens computes, so its
     context is None. On failure every page taken here is freed.
     """
-    ctx, alloc = self.ctx, self.ctx.allocator
-    table, tokens, positions, made = BlockTable(ctx.page_size), [], [], []
+    ctx, alloc, shard = self.ctx, self.ctx.allocator, self.ctx.roomiest_shard()
+    table, tokens, positions, made = BlockTable(ctx.page_size, shard), [], [], []
     exact = True
     try:
       for seg, compute in zip(seq.segments, seq.compute, strict=True):
         if compute:
-          pages = alloc.alloc(pages_needed(len(seg), ctx.page_size))
+          pages = alloc.alloc(pages_needed(len(seg), ctx.page_size), shard)
           made.append((seg, len(table.pages), len(pages), exact))
           positions.append(np.arange(len(tokens), len(tokens) + len(seg)))
         else:
           m = ctx.masters.get(seg.key)
           exact = exact and m.context is not None and m.context == segment_key(tokens)
-          pages = list(m.pages)
+          pages = list(m.on(shard))
           alloc.share(pages)
         table.append_segment(pages, len(seg))
         tokens += seg.tokens
@@ -84,7 +86,7 @@ class MasterBuilder:
       for seg, b0, n, exact_here in made:
         pages = table.pages[b0:b0 + n]
         alloc.share(pages)  # the registry's reference
-        ctx.masters.add(seg.key, seg.tokens, pages, source="context",
+        ctx.masters.add(seg.key, seg.tokens, ctx.replicate(pages, shard), source="context",
                         context=segment_key(tokens[:table.starts[b0]]) if exact_here else None)
     finally:
       table.release(alloc)
@@ -96,27 +98,27 @@ class MasterBuilder:
     """Masters for `segs`, each prefilled alone or right after the `anchor` master's tokens."""
     if not segs:
       return
-    ctx, alloc = self.ctx, self.ctx.allocator
+    ctx, alloc, shard = self.ctx, self.ctx.allocator, self.ctx.roomiest_shard()
     anchor_m = ctx.masters.get(anchor.key) if anchor is not None else None
     head = tuple(anchor_m.tokens) if anchor_m is not None else ()
-    head_pages = list(anchor_m.pages) if anchor_m is not None else []
+    head_pages = list(anchor_m.on(shard)) if anchor_m is not None else []
     exact = anchor_m is None or anchor_m.context == segment_key(())  # the anchor sits at 0
     tables, chunks = [], []
     try:
       for seg in segs:
-        table = BlockTable(ctx.page_size)
+        table = BlockTable(ctx.page_size, shard)
         tables.append(table)
         if head_pages:
           alloc.share(head_pages)
           table.append_segment(list(head_pages), len(head))
-        table.append_segment(alloc.alloc(pages_needed(len(seg), ctx.page_size)), len(seg))
+        table.append_segment(alloc.alloc(pages_needed(len(seg), ctx.page_size), shard), len(seg))
         chunks.append((table, list(head) + list(seg.tokens),
                        np.arange(len(head), len(head) + len(seg))))
       ctx.run(chunks, want_logits=False)
       for table, seg in zip(tables, segs, strict=True):
         pages = table.pages[len(head_pages):]
         alloc.share(pages)  # the registry's reference
-        ctx.masters.add(seg.key, seg.tokens, pages, source="prefill",
+        ctx.masters.add(seg.key, seg.tokens, ctx.replicate(pages, shard), source="prefill",
                         context=segment_key(head) if exact else None)
     finally:
       for table in tables:

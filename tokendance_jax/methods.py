@@ -40,9 +40,9 @@ class Method:
   def __init__(self, policy: ReusePolicy):
     self.policy = policy
 
-  def page_needs(self, prompts, ctx, evictable: set[int]) -> list[int]:
-    """An upper bound on the pages each prompt takes from the pool, for admission;
-    `evictable` pages may be reclaimed to make room."""
+  def page_needs(self, prompts, ctx, evictable: set[int], shard: int = 0) -> list[int]:
+    """An upper bound on the pages each prompt takes from pool shard `shard`, for
+    admission; `evictable` pages may be reclaimed to make room."""
     ps = ctx.page_size
     return [pages_needed(p.max_tokens, ps) + sum(self.segment_need(s, ps) for s in p.segments)
             for p in prompts]
@@ -50,13 +50,15 @@ class Method:
   def segment_need(self, seg: Segment, page_size: int) -> int:
     return pages_needed(len(seg), page_size)
 
-  def layout_hits(self, prompt, ctx) -> list[int]:
-    """Pages of the prompt's leading blocks that are already computed (one reference each)."""
+  def layout_hits(self, prompt, ctx, shard: int = 0) -> list[int]:
+    """Pages on `shard` of the prompt's leading blocks that are already computed (one
+    reference each)."""
     return []
 
-  def segment_pages(self, seg: Segment, hits: list[int], ctx) -> list[int]:
-    """The pages of one segment of the agent's table (one reference each)."""
-    return ctx.allocator.alloc(pages_needed(len(seg), ctx.page_size))
+  def segment_pages(self, seg: Segment, hits: list[int], ctx, shard: int = 0) -> list[int]:
+    """The pages (on the agent's pool shard) of one segment of its table (one reference
+    each)."""
+    return ctx.allocator.alloc(pages_needed(len(seg), ctx.page_size), shard)
 
   def prefill(self, agents: list[AgentState], ctx, collector, stats: dict):
     """Prefill the wave: (first tokens, log-probs [n, vocab] or None)."""
@@ -78,27 +80,27 @@ class Prefix(Method):
 
   name = "prefix"
 
-  def page_needs(self, prompts, ctx, evictable: set[int]) -> list[int]:
+  def page_needs(self, prompts, ctx, evictable: set[int], shard: int = 0) -> list[int]:
     needs, claimed = [], set()
     for p in prompts:
       blocks = block_tokens(p, ctx.page_size)
-      hits = ctx.prefix.peek(blocks)[:len(blocks) - 1]
+      hits = ctx.prefix.peek(blocks, shard)[:len(blocks) - 1]
       needs.append(pages_needed(p.max_tokens, ctx.page_size) + len(blocks) - len(hits)
                    + len(evictable.intersection(hits) - claimed))
       claimed.update(hits)
     return needs
 
-  def layout_hits(self, prompt, ctx) -> list[int]:
+  def layout_hits(self, prompt, ctx, shard: int = 0) -> list[int]:
     blocks = block_tokens(prompt, ctx.page_size)
-    hits = ctx.prefix.match(blocks)
+    hits = ctx.prefix.match(blocks, shard)
     if len(hits) == len(blocks):  # keep the last block to compute: its logits start decoding
       ctx.allocator.free(hits[-1:])
       hits = hits[:-1]
     return hits
 
-  def segment_pages(self, seg: Segment, hits: list[int], ctx) -> list[int]:
+  def segment_pages(self, seg: Segment, hits: list[int], ctx, shard: int = 0) -> list[int]:
     n = pages_needed(len(seg), ctx.page_size)
-    fresh = ctx.allocator.alloc(n - min(n, len(hits)))  # before any hit leaves `hits`
+    fresh = ctx.allocator.alloc(n - min(n, len(hits)), shard)  # before a hit leaves `hits`
     return [hits.pop(0) for _ in range(n - len(fresh))] + fresh
 
   def hand_over(self, a: AgentState, output: list[int], ctx) -> None:
@@ -123,7 +125,8 @@ class _Reuse(Method):
       pages = diffstore.output_master_pages(a.table, a.num_prompt, len(output))
       if pages is not None:
         ctx.allocator.share(pages)
-        ctx.masters.add(Segment(tuple(output), shared=True).key, output, pages, source="decode")
+        ctx.masters.add(Segment(tuple(output), shared=True).key, output,
+                        ctx.replicate(pages, a.table.shard), source="decode")
 
 
 class PerRequestPIC(_Reuse):
@@ -148,20 +151,20 @@ class TokenDance(_Reuse):
 
   name = "tokendance"
 
-  def page_needs(self, prompts, ctx, evictable: set[int]) -> list[int]:
+  def page_needs(self, prompts, ctx, evictable: set[int], shard: int = 0) -> list[int]:
     ps = ctx.page_size
     return [need + min(sum(pages_needed(len(s), ps) for s in p.segments if s.shared),
                        selection.max_forked_blocks(p, self.policy, ps))
-            for p, need in zip(prompts, super().page_needs(prompts, ctx, evictable),
+            for p, need in zip(prompts, super().page_needs(prompts, ctx, evictable, shard),
                                strict=True)]
 
   def segment_need(self, seg: Segment, page_size: int) -> int:
     return 0 if seg.shared else pages_needed(len(seg), page_size)  # a mirror: forks counted apart
 
-  def segment_pages(self, seg: Segment, hits: list[int], ctx) -> list[int]:
+  def segment_pages(self, seg: Segment, hits: list[int], ctx, shard: int = 0) -> list[int]:
     if not seg.shared:
-      return super().segment_pages(seg, hits, ctx)
-    pages = list(ctx.masters.get(seg.key).pages)
+      return super().segment_pages(seg, hits, ctx, shard)
+    pages = list(ctx.masters.get(seg.key).on(shard))  # the replica on the agent's shard
     ctx.allocator.share(pages)
     return pages
 

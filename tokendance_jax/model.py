@@ -25,9 +25,6 @@ from tokendance_jax.kvcache import Batch, KVCache
 __all__ = ["Batch", "KVCache", "dense_forward", "forward", "forward_jit", "init_params"]
 
 
-
-
-
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> dict:
   """Random weights in the layout `weights.params_from_gguf` produces."""
   d, l = cfg.d_model, cfg.n_layers
@@ -55,11 +52,11 @@ def rms_norm(x, weight, eps: float):
   return weight * xf.astype(x.dtype)
 
 
-def _write_kv(cache_k, cache_v, layer, k, v, batch: Batch):
-  """Scatter this layer's new k, v: [t, kv_heads, e] to batch.slot_mapping (-1 dropped)."""
+def _write_kv(cache_k, cache_v, layer, k, v, slot_mapping):
+  """Scatter this layer's new k, v: [t, kv_heads, e] to slot_mapping [t] (-1 dropped)."""
   page_size, num_pages = cache_k.shape[3], cache_k.shape[2]
-  page = jnp.where(batch.slot_mapping >= 0, batch.slot_mapping // page_size, num_pages)
-  slot = batch.slot_mapping % page_size
+  page = jnp.where(slot_mapping >= 0, slot_mapping // page_size, num_pages)
+  slot = slot_mapping % page_size
   heads = jnp.arange(k.shape[1])[:, None]
   index = (layer, heads, page[None, :], slot[None, :])
   cache_k = cache_k.at[index].set(k.transpose(1, 0, 2).astype(cache_k.dtype), mode="drop")
@@ -113,7 +110,11 @@ def _layer(x, lp, cache_k, cache_v, layer, batch, cfg, attn, decode, plan):
     q = (h @ lp["wq"]).reshape(t, cfg.n_heads, cfg.head_dim)
     k = (h @ lp["wk"]).reshape(t, cfg.n_kv_heads, cfg.head_dim)
     v = (h @ lp["wv"]).reshape(t, cfg.n_kv_heads, cfg.head_dim)
-    cache_k, cache_v = _write_kv(cache_k, cache_v, layer, k, v, batch)
+    if plan is not None and plan.pages_sharded:  # each device writes its own pages
+      cache_k, cache_v = sharding.shard_write(plan, _write_kv, cache_k, cache_v, layer, k, v,
+                                              batch.slot_mapping)
+    else:
+      cache_k, cache_v = _write_kv(cache_k, cache_v, layer, k, v, batch.slot_mapping)
     o = _attention(q, cache_k, cache_v, layer, batch, cfg, attn, decode, plan)
     x = x + o.reshape(t, -1).astype(x.dtype) @ lp["wo"]
   with jax.named_scope("mlp"):

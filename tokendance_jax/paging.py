@@ -18,59 +18,84 @@ class OutOfPages(RuntimeError):
   """The pool cannot satisfy an allocation; nothing was allocated.
 
   The scheduler catches this to wait or preempt; it never leaves the pool
-  half-updated.
+  half-updated. On a sharded pool `shard` names the shard that ran out.
   """
 
-  def __init__(self, requested: int, free: int, detail: str = ""):
-    super().__init__(f"requested {requested} pages, {free} free" + (f": {detail}" if detail
-                                                                     else ""))
+  def __init__(self, requested: int, free: int, detail: str = "", shard: int | None = None):
+    where = f"shard {shard}: " if shard is not None else ""
+    super().__init__(f"{where}requested {requested} pages, {free} free"
+                     + (f": {detail}" if detail else ""))
     self.requested = requested
     self.free = free
     self.detail = detail
+    self.shard = shard
 
 
 class PageAllocator:
-  """Reference-counted allocator over pages 1..num_pages-1."""
+  """Reference-counted allocator over the pages of a pool, split into `shards` ranges.
 
-  def __init__(self, num_pages: int):
-    if num_pages < 2:
-      raise ValueError(f"num_pages={num_pages}; need at least 2 (page 0 is reserved)")
-    self.num_pages = num_pages
+  Shard s owns global pages [s * L, (s + 1) * L), L = num_pages // shards,
+  and hands out all but the first of them: page s * L is that shard's null
+  page (page 0, `NULL_PAGE`, for shard 0), which a device holding the shard
+  sees as its local page 0. Page ids are global everywhere on the host; only
+  `alloc` takes a shard, every other call finds a page's shard from its id.
+  """
+
+  def __init__(self, num_pages: int, shards: int = 1):
+    if shards < 1 or num_pages % shards:
+      raise ValueError(f"num_pages={num_pages} must split evenly into shards={shards}")
+    if num_pages // shards < 2:
+      raise ValueError(f"num_pages={num_pages} over {shards} shard(s) leaves "
+                       f"{num_pages // shards} per shard; need at least 2 (one is reserved)")
+    self.num_pages, self.shards = num_pages, shards
+    self.pages_per_shard = num_pages // shards
     self._refcount = np.zeros(num_pages, np.int32)
-    # A stack: recently freed pages are reused first (warm in cache).
-    self._free = list(range(num_pages - 1, 0, -1))
-    # Called in order with the number of pages still missing before OutOfPages is
-    # raised; caches of evictable pages (the prefix cache, kept masters) free what
-    # they can here (`add_reclaimer`).
+    # One stack per shard: recently freed pages are reused first (warm in cache).
+    self._free = [list(range((s + 1) * self.pages_per_shard - 1, s * self.pages_per_shard, -1))
+                  for s in range(shards)]
+    # Called in order with the pages still missing (and the shard) before OutOfPages is
+    # raised; caches of evictable pages (the prefix cache, kept masters) free what they
+    # can here (`add_reclaimer`).
     self._reclaimers: list = []
 
   @property
   def num_free(self) -> int:
-    return len(self._free)
+    return sum(len(f) for f in self._free)
+
+  def free_in(self, shard: int) -> int:
+    """Free pages of one shard."""
+    return len(self._free[self._check_shard(shard)])
 
   @property
   def num_used(self) -> int:
-    return self.num_pages - 1 - len(self._free)
+    return self.num_pages - self.shards - self.num_free
+
+  def used_in(self, shard: int) -> int:
+    return self.pages_per_shard - 1 - self.free_in(shard)
+
+  def shard_of(self, page: int) -> int:
+    return int(page) // self.pages_per_shard
 
   def refcount(self, page: int) -> int:
     return int(self._refcount[page])
 
   def add_reclaimer(self, fn) -> None:
-    """Register `fn(missing_pages) -> pages freed`, asked (after those added before it)
-    when an allocation finds too few free pages."""
+    """Register `fn(missing_pages, shard) -> pages freed` (freeing pages of that shard),
+    asked (after those added before it) when an allocation finds too few free pages."""
     self._reclaimers.append(fn)
 
-  def alloc(self, n: int) -> list[int]:
-    """n fresh pages with refcount 1, or OutOfPages (all or nothing)."""
+  def alloc(self, n: int, shard: int = 0) -> list[int]:
+    """n fresh pages of `shard` with refcount 1, or OutOfPages (all or nothing)."""
     if n < 0:
       raise ValueError(f"cannot allocate n={n} pages")
+    free = self._free[self._check_shard(shard)]
     for reclaim in self._reclaimers:
-      if n <= len(self._free):
+      if n <= len(free):
         break
-      reclaim(n - len(self._free))
-    if n > len(self._free):
-      raise OutOfPages(n, len(self._free))
-    pages = [self._free.pop() for _ in range(n)]
+      reclaim(n - len(free), shard)
+    if n > len(free):
+      raise OutOfPages(n, len(free), shard=shard if self.shards > 1 else None)
+    pages = [free.pop() for _ in range(n)]
     self._refcount[pages] = 1
     return pages
 
@@ -90,30 +115,40 @@ class PageAllocator:
       raise ValueError(f"double free: pages {over.tolist()} freed more often than referenced")
     self._refcount -= counts.astype(np.int32)
     released = [p for p in dict.fromkeys(pages) if self._refcount[p] == 0]
-    self._free.extend(reversed(released))
+    for p in reversed(released):
+      self._free[self.shard_of(p)].append(p)
     return released
+
+  def _check_shard(self, shard: int) -> int:
+    if not 0 <= shard < self.shards:
+      raise ValueError(f"shard {shard} out of range 0..{self.shards - 1}")
+    return shard
 
   def _check_live(self, pages) -> None:
     for p in pages:
-      if not 0 < p < self.num_pages:
-        raise ValueError(f"page {p} out of range 1..{self.num_pages - 1}")
+      if not 0 <= p < self.num_pages or p % self.pages_per_shard == 0:
+        reserved = " (a shard's reserved null page)" if 0 < p < self.num_pages else ""
+        raise ValueError(f"page {p} out of range 1..{self.num_pages - 1}{reserved}")
       if self._refcount[p] == 0:
         raise ValueError(f"page {p} is not allocated")
 
   def state_dict(self) -> dict:
-    """JSON-ready bookkeeping (refcounts of live pages, the free stack) for snapshots."""
+    """JSON-ready bookkeeping (refcounts of live pages, the free stacks) for snapshots."""
     live = np.nonzero(self._refcount)[0]
-    return {"num_pages": self.num_pages, "live": live.tolist(),
-            "refcounts": self._refcount[live].tolist(), "free": list(self._free)}
+    free = self._free[0] if self.shards == 1 else [list(f) for f in self._free]
+    return {"num_pages": self.num_pages, "shards": self.shards, "live": live.tolist(),
+            "refcounts": self._refcount[live].tolist(), "free": list(free)}
 
   def load_state_dict(self, state: dict) -> None:
     """Restore `state_dict()` output; the page count must match and the state be consistent."""
-    if state["num_pages"] != self.num_pages:
-      raise ValueError(f"snapshot has {state['num_pages']} pages, this pool {self.num_pages}")
+    if (state["num_pages"], state.get("shards", 1)) != (self.num_pages, self.shards):
+      raise ValueError(f"snapshot has {state['num_pages']} pages in {state.get('shards', 1)} "
+                       f"shard(s), this pool {self.num_pages} in {self.shards}")
     refcount = np.zeros(self.num_pages, np.int32)
     refcount[np.asarray(state["live"], np.int64)] = state["refcounts"]
+    free = [state["free"]] if self.shards == 1 else state["free"]
     old = (self._refcount, self._free)
-    self._refcount, self._free = refcount, [int(p) for p in state["free"]]
+    self._refcount, self._free = refcount, [[int(p) for p in f] for f in free]
     try:
       self.check_invariants()
     except AssertionError as e:
@@ -121,13 +156,20 @@ class PageAllocator:
       raise ValueError(f"inconsistent allocator snapshot: {e}") from None
 
   def check_invariants(self) -> None:
-    """Free list and refcounts agree (used by tests and after preemption)."""
-    free = set(self._free)
-    if len(free) != len(self._free):
+    """Free lists and refcounts agree (used by tests and after preemption)."""
+    if len(self._free) != self.shards:
+      raise AssertionError(f"{len(self._free)} free lists for {self.shards} shards")
+    flat = [p for f in self._free for p in f]
+    free = set(flat)
+    if len(free) != len(flat):
       raise AssertionError("a page is on the free list twice")
-    if NULL_PAGE in free or self._refcount[NULL_PAGE]:
-      raise AssertionError("the null page was handed out")
-    zero = {p for p in range(1, self.num_pages) if self._refcount[p] == 0}
+    L = self.pages_per_shard
+    nulls = set(range(0, self.num_pages, L))
+    if free & nulls or self._refcount[sorted(nulls)].any():
+      raise AssertionError("a null page was handed out")
+    if any(self.shard_of(p) != s for s, f in enumerate(self._free) for p in f):
+      raise AssertionError("a page is on another shard's free list")
+    zero = {p for p in range(self.num_pages) if p not in nulls and self._refcount[p] == 0}
     if zero != free:
       raise AssertionError(f"free list {sorted(free)[:8]}... != zero-refcount pages")
 
@@ -147,8 +189,9 @@ class BlockTable:
   on every page it lists.
   """
 
-  def __init__(self, page_size: int):
+  def __init__(self, page_size: int, shard: int = 0):
     self.page_size = page_size
+    self.shard = shard  # the pool shard every page of the table comes from
     self.pages: list[int] = []
     self.starts: list[int] = []
     self.lens: list[int] = []
@@ -179,7 +222,7 @@ class BlockTable:
     missing = pages_needed(max(num_tokens - start, 0), self.page_size)
     if missing <= 0:
       return []
-    new = allocator.alloc(missing)
+    new = allocator.alloc(missing, self.shard)
     for j, page in enumerate(new):
       self.pages.append(page)
       self.starts.append(start + j * self.page_size)

@@ -52,7 +52,8 @@ def capture(rs) -> tuple[dict | None, dict]:
                "dtype": str(jnp.dtype(rs.cache_cfg.dtype))},
       "kv_shape": list(cache.k.shape),
       "allocator": alloc,
-      "masters": [{"key": m.key, "tokens": list(m.tokens), "pages": m.pages, "source": m.source,
+      "masters": [{"key": m.key, "tokens": list(m.tokens), "replicas": m.replicas,
+                   "source": m.source,
                    "context": m.context}
                   for m in rs.masters.masters.values()],
       "prefix": None if rs.prefix is None else {
@@ -101,8 +102,10 @@ def restore(rs, arrays: dict | None, meta: dict) -> None:
                           v=cache.v.at[:, :, idx].set(jnp.asarray(v, cache.v.dtype)))
   rs.engine.cache = jax.block_until_ready(cache)
   for m in meta["masters"]:
-    rs.masters.masters[m["key"]] = Master(m["key"], tuple(m["tokens"]), list(m["pages"]),
-                                          m["source"], m.get("context"))
+    replicas = m["replicas"] if "replicas" in m else [m["pages"]]  # before sharded pools
+    rs.masters.masters[m["key"]] = Master(m["key"], tuple(m["tokens"]),
+                                          [list(r) for r in replicas], m["source"],
+                                          m.get("context"))
   if meta["prefix"] is not None:
     if rs.prefix is None:
       raise ValueError("snapshot has a prefix cache but this session's method has none")

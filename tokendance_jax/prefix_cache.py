@@ -5,7 +5,8 @@ length), so a cached block is reused only when everything before it is
 identical too: the same block at another offset, or after another prefix,
 misses. The cache holds one reference on each cached page; pages that only
 the cache still references are evicted least recently used first when the
-allocator runs short.
+allocator runs short. On a sharded pool each shard has a chain of its own (a
+block is served only to sequences on the shard holding its page).
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ def chain_key(parent: str, tokens) -> str:
   return h.hexdigest()
 
 
+def _root(shard: int) -> str:
+  return "" if shard == 0 else f"shard {shard}"
+
+
 class PrefixCache:
   def __init__(self, allocator: PageAllocator):
     self.allocator = allocator
@@ -32,9 +37,9 @@ class PrefixCache:
     self.misses = 0
     allocator.add_reclaimer(self.evict)
 
-  def _hit_chain(self, blocks: list[tuple[int, ...]]) -> list[tuple[str, int]]:
-    """(key, page) of each block of the longest cached prefix of `blocks`."""
-    hits, parent = [], ""
+  def _hit_chain(self, blocks: list[tuple[int, ...]], shard: int) -> list[tuple[str, int]]:
+    """(key, page) of each block of the longest cached prefix of `blocks` on `shard`."""
+    hits, parent = [], _root(shard)
     for tokens in blocks:
       parent = chain_key(parent, tokens)
       page = self.entries.get(parent)
@@ -43,9 +48,10 @@ class PrefixCache:
       hits.append((parent, page))
     return hits
 
-  def match(self, blocks: list[tuple[int, ...]]) -> list[int]:
-    """Pages of the longest cached prefix of `blocks` (token tuples); takes a reference on each."""
-    hits = self._hit_chain(blocks)
+  def match(self, blocks: list[tuple[int, ...]], shard: int = 0) -> list[int]:
+    """Pages of the longest cached prefix of `blocks` (token tuples) on `shard`; takes a
+    reference on each."""
+    hits = self._hit_chain(blocks, shard)
     for key, _ in hits:
       self.entries.move_to_end(key)
     pages = [page for _, page in hits]
@@ -54,14 +60,17 @@ class PrefixCache:
     self.misses += len(blocks) - len(pages)
     return pages
 
-  def peek(self, blocks: list[tuple[int, ...]]) -> list[int]:
-    """Pages of the longest cached prefix of `blocks`, without taking references, counting
-    hits or touching the LRU order (for admission estimates)."""
-    return [page for _, page in self._hit_chain(blocks)]
+  def peek(self, blocks: list[tuple[int, ...]], shard: int = 0) -> list[int]:
+    """Pages of the longest cached prefix of `blocks` on `shard`, without taking references,
+    counting hits or touching the LRU order (for admission estimates)."""
+    return [page for _, page in self._hit_chain(blocks, shard)]
 
   def insert(self, blocks: list[tuple[int, ...]], pages: list[int]) -> None:
-    """Cache each (block tokens, page) along the chain; the cache takes its own reference."""
-    parent = ""
+    """Cache each (block tokens, page) along the chain of the pages' shard; the cache takes
+    its own reference."""
+    if not pages:
+      return
+    parent = _root(self.allocator.shard_of(pages[0]))
     for tokens, page in zip(blocks, pages, strict=True):
       key = chain_key(parent, tokens)
       if key not in self.entries:
@@ -70,14 +79,15 @@ class PrefixCache:
       self.entries.move_to_end(key)
       parent = key
 
-  def evict(self, needed: int) -> int:
-    """Free up to `needed` pages that only the cache references, oldest first."""
+  def evict(self, needed: int, shard: int | None = None) -> int:
+    """Free up to `needed` pages (of `shard`, or any) that only the cache references, oldest
+    first."""
     freed = 0
     for key in list(self.entries):
       if freed >= needed:
         break
       page = self.entries[key]
-      if self.allocator.refcount(page) == 1:
+      if self.allocator.refcount(page) == 1 and shard in (None, self.allocator.shard_of(page)):
         del self.entries[key]
         freed += len(self.allocator.free([page]))
     return freed

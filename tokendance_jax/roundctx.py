@@ -81,6 +81,27 @@ class RoundContext:
     if src:
       self.engine.copy_pages(pad_pages(src, NULL_PAGE), pad_pages(dst, self.cache_cfg.num_pages))
 
+  def replicate(self, pages: list[int], shard: int) -> list[list[int]]:
+    """A master's replicas, one per pool shard: `pages` (on `shard`, references passed on)
+    and a copy on fresh pages of every other shard. On failure nothing new is held."""
+    a = self.allocator
+    replicas = [list(pages) if d == shard else [] for d in range(a.shards)]
+    try:
+      for d in range(a.shards):
+        if d != shard:
+          replicas[d] = a.alloc(len(pages), d)
+    except BaseException:
+      a.free([p for d, r in enumerate(replicas) if d != shard for p in r])
+      raise
+    others = [d for d in range(a.shards) if d != shard]
+    self.copy([p for _ in others for p in pages], [p for d in others for p in replicas[d]])
+    return replicas
+
+  def roomiest_shard(self) -> int:
+    """The pool shard with the most free pages (where a master is computed)."""
+    a = self.allocator
+    return max(range(a.shards), key=lambda d: (a.free_in(d), -d))
+
   def kept_pages(self) -> set[int]:
     """Pages the session holds across waves and rounds (masters, the prefix cache)."""
     kept = {p for m in self.masters.masters.values() for p in m.pages}

@@ -32,13 +32,22 @@ def token_stats(agents: list[AgentState], cfg: ModelConfig) -> dict:
           "shared_recomputed_per_agent": shared_recomputed}
 
 
-def device_stats(engine, pages_in_use: int, page_bytes: int) -> dict:
-  """Per-device memory under a mesh. The page axis is not sharded: every device holds
-  its kv-head share of every page, so in-use bytes per device scale with kv-head shards."""
-  plan = engine.mesh_plan
-  frac = plan.kv_fraction_per_device()
+def device_stats(engine, pages_in_use: int, page_bytes: int, master_pages: int = 0) -> dict:
+  """Per-device memory under a mesh. On a sharded pool (`pages_sharded`) each `data` shard
+  holds its own pages: in-use bytes per device are the fullest shard's pages at the end of
+  the round (or the round's peak `pages_in_use` spread evenly, if larger), and every
+  shard holds one replica of each master (`master_pages_per_shard`). On a replicated pool
+  every device holds its kv-head share of every page."""
+  plan, alloc = engine.mesh_plan, engine.allocator
+  frac = plan.kv_fraction_per_device()  # of the whole pool
+  heads = frac * plan.shards  # kv-head share of one page
+  used = [alloc.used_in(d) for d in range(alloc.shards)]
+  in_use = max(max(used), -(-pages_in_use // alloc.shards)) if plan.pages_sharded \
+      else pages_in_use
   return {"mesh": sharding.describe(plan.mesh), "devices": plan.mesh.size,
-          "pages_sharded": plan.mesh_axis("pages") is not None,
-          "kv_bytes_in_use_per_device": pages_in_use * page_bytes * frac,
+          "pages_sharded": plan.pages_sharded, "pool_shards": alloc.shards,
+          "pages_per_shard": alloc.pages_per_shard, "pages_in_use_per_shard": used,
+          "master_pages_per_shard": master_pages // alloc.shards,
+          "kv_bytes_in_use_per_device": in_use * page_bytes * heads,
           "kv_pool_bytes_per_device": plan.bytes_per_device(engine.cache),
           "param_bytes_per_device": plan.bytes_per_device(engine.params)}

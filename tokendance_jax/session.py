@@ -172,9 +172,11 @@ class RoundSession:
       self.ctx.timeline = []
       if self.strategy.reuses_masters:
         self.builder.build(rnd, stats)
-      wave = self._plan_waves(rnd)[0]
+      placed = self._plan_waves(rnd)[0]
+      wave = [i for i, _ in placed]
       self.ctx.agent_params = [params[i] for i in wave]
-      agents = layout_wave([rnd.prompts[i] for i in wave], self.strategy, self.ctx)
+      agents = layout_wave([rnd.prompts[i] for i in wave], self.strategy, self.ctx,
+                           [d for _, d in placed])
       try:
         first, _ = self.strategy.prefill(agents, self.ctx, self.collector, stats)
       except BaseException:
@@ -205,7 +207,7 @@ class RoundSession:
     for wave in waves:  # stages 4-9
       t0 = time.perf_counter()
       wave_agents, wave_out, lp, fp, wave_prefill = self._run_wave(
-          [rnd.prompts[i] for i in wave], stats, t0)
+          [rnd.prompts[i] for i, _ in wave], [d for _, d in wave], stats, t0)
       prefill_seconds += wave_prefill
       agents += wave_agents
       outputs.update(wave_out)
@@ -226,7 +228,8 @@ class RoundSession:
                  masters=len(self.masters.masters), master_pages=self.masters.num_pages,
                  preemptions=self.engine.num_preemptions)
     if self.engine.mesh_plan is not None:
-      stats.update(device_stats(self.engine, fp.pages_in_use, self.page_bytes))
+      stats.update(device_stats(self.engine, fp.pages_in_use, self.page_bytes,
+                                self.masters.num_pages))
     n = len(agents)
     result = RoundResult(
         round=self.round_index, prefill_seconds=prefill_seconds, round_seconds=round_seconds,
@@ -240,25 +243,27 @@ class RoundSession:
     self.round_index += 1
     return result
 
-  def _plan_waves(self, rnd: Round) -> list[list[int]]:
-    """The round's agents in waves that fit the pool (`admission.plan_waves`), from the
-    method's upper bound on each agent's pages (`Method.page_needs`)."""
-    refcount, evictable = self.allocator.refcount, set()
+  def _plan_waves(self, rnd: Round) -> list[list[tuple[int, int]]]:
+    """The round's agents in waves of (agent, pool shard) that fit the pool
+    (`admission.place_waves`), from the method's upper bound on each agent's pages on each
+    shard (`Method.page_needs`)."""
+    a, evictable = self.allocator, set()
     for cache in (self.prefix, self.engine.prefix):  # the engine's, when it is shared
       if cache is not None:
-        evictable.update(p for p in cache.entries.values() if refcount(p) == 1)
+        evictable.update(p for p in cache.entries.values() if a.refcount(p) == 1)
     if self.keep_masters:
       evictable.update(p for m in self.masters.masters.values()
-                       if all(refcount(q) == 1 for q in m.pages) for p in m.pages)
-    needs = self.strategy.page_needs(rnd.prompts, self.ctx, evictable)
-    return admission.plan_waves(needs, self.allocator.num_free + len(evictable),
-                                [p.agent_id for p in rnd.prompts])
+                       if all(a.refcount(q) == 1 for q in m.pages) for p in m.pages)
+    needs = [self.strategy.page_needs(rnd.prompts, self.ctx, evictable, d)
+             for d in range(a.shards)]
+    room = [a.free_in(d) + sum(a.shard_of(p) == d for p in evictable) for d in range(a.shards)]
+    return admission.place_waves(needs, room, [p.agent_id for p in rnd.prompts])
 
-  def _run_wave(self, prompts, stats: dict, start: float):
-    """Lay out, prefill, decode and hand over one wave of agents. Returns (agents, outputs,
-    log-probs or None, footprint after prefill, prefill seconds). On failure the wave's
-    sequences are aborted and its pages released."""
-    agents = layout_wave(prompts, self.strategy, self.ctx)
+  def _run_wave(self, prompts, shards: list[int], stats: dict, start: float):
+    """Lay out (each agent on its pool shard), prefill, decode and hand over one wave of
+    agents. Returns (agents, outputs, log-probs or None, footprint after prefill, prefill
+    seconds). On failure the wave's sequences are aborted and its pages released."""
+    agents = layout_wave(prompts, self.strategy, self.ctx, shards)
     seqs: list = []  # the engine sequences adopted for decode
     try:
       first, logprobs = self.strategy.prefill(agents, self.ctx, self.collector, stats)
@@ -279,11 +284,12 @@ class RoundSession:
   def _quality(self, rnd: Round, logprobs) -> dict:
     """Next-token agreement with `full` on the same prompts (untimed)."""
     tables = []
+    a = self.allocator
     try:
-      for p in rnd.prompts:
-        t = BlockTable(self.cache_cfg.page_size)
+      for i, p in enumerate(rnd.prompts):
+        t = BlockTable(self.cache_cfg.page_size, shard=i % a.shards)
         for seg in p.segments:
-          t.append_segment(self.allocator.alloc(pages_needed(len(seg), t.page_size)), len(seg))
+          t.append_segment(a.alloc(pages_needed(len(seg), t.page_size), t.shard), len(seg))
         tables.append(t)
       chunks = [(t, p.tokens, np.arange(p.num_tokens))
                 for t, p in zip(tables, rnd.prompts, strict=True)]

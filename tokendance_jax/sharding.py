@@ -8,12 +8,18 @@ logical axis to a mesh axis or to None (replicated):
   parallel: Megatron-style column/row splits, so XLA's GSPMD inserts one
   all-reduce after `wo` and one after `w_down` per layer); the vocab over
   `model` (embedding gather and tied logits are masked + reduced).
-- the page pool `[l, kv_heads, pages, page_size, e]`: kv heads over `model`;
-  the `pages` axis is NOT sharded by default, so every `data` replica holds
-  the whole pool (masters are readable from every shard at no cost).
-- a round batch: the flat token axis over `data` when its bucketed length
-  divides (small decode batches run replicated); block tables replicated.
-  New K/V of a layer are all-gathered across `data` before the paged write.
+- the page pool `[l, kv_heads, pages, page_size, e]`: kv heads over `model`,
+  pages over `data` (a sharded pool): device row d of the `data` axis holds
+  pages [d * L, (d + 1) * L) only, with an allocator range of its own
+  (`paging.PageAllocator(shards=)`), so each `data` shard adds its pages to
+  the pool. An agent's pages all sit on one shard and its tokens in that
+  shard's slice of the batch (`batch.build_batch(shards=)`), so the paged
+  write and attention run per device under `shard_map` on local page ids, and
+  a master has one replica per shard. Mapping `pages` to None
+  (`REPLICATED_POOL_RULES`) keeps the whole pool on every `data` shard.
+- a round batch: the flat token axis over `data` (on a replicated pool only
+  when its bucketed length divides; small decode batches then run
+  replicated); block tables replicated, split by row under `shard_map`.
 
 Every jit-compiled step stays one program per mesh: inputs carry their
 NamedShardings, outputs are pinned (tokens / log-probs replicated, the cache
@@ -50,9 +56,11 @@ DEFAULT_RULES = (
     ("heads", "model"),
     ("kv_heads", "model"),
     ("mlp", "model"),
-    ("pages", None),
+    ("pages", "data"),
     ("tokens", "data"),
 )
+# every `data` shard holds the whole pool (the layout before sharded pools)
+REPLICATED_POOL_RULES = tuple((lg, None if lg == "pages" else ax) for lg, ax in DEFAULT_RULES)
 
 # param name -> logical axes of its dims (flattened heads * head_dim dims count heads)
 PARAM_AXES = {
@@ -133,9 +141,28 @@ class MeshPlan:
     for logical, axis in self.rules:
       if axis is not None and axis not in self.mesh.axis_names:
         raise ValueError(f"rule {logical!r} -> {axis!r}: the mesh has axes {self.mesh.axis_names}")
-    if self.mesh_axis("pages") is not None:
-      raise ValueError("rule 'pages' must map to None: block tables hold global page ids, so "
-                       "every device keeps the whole page axis (shard kv heads instead)")
+    if self.mesh_axis("pages") not in (None, "data"):
+      raise ValueError("rule 'pages' must map to 'data' (a sharded pool) or None (the whole "
+                       "pool on every data shard)")
+    if self.mesh_axis("pages") is not None and self.mesh_axis("tokens") != "data":
+      raise ValueError("a pool sharded over 'data' needs 'tokens' on 'data' too: each shard "
+                       "computes the tokens of its own agents")
+
+  @property
+  def pages_sharded(self) -> bool:
+    """The pool's pages are split over `data` (more than one shard)."""
+    return self.mesh_axis("pages") == "data" and self.mesh.shape["data"] > 1
+
+  @property
+  def shards(self) -> int:
+    """Pool shards: the `data` size on a sharded pool, else 1."""
+    return self.mesh.shape["data"] if self.pages_sharded else 1
+
+  def with_replicated_pool(self) -> MeshPlan:
+    """This plan with the whole pool on every `data` shard (e.g. a scratch cache whose page
+    ids do not follow the shards)."""
+    rules = tuple((lg, None if lg == "pages" else ax) for lg, ax in self.rules)
+    return dataclasses.replace(self, rules=rules)
 
   def mesh_axis(self, logical: str | None) -> str | None:
     return None if logical is None else dict(self.rules).get(logical)
@@ -204,9 +231,12 @@ class MeshPlan:
   # -- batches ------------------------------------------------------------------
 
   def token_sharding(self, n: int) -> NamedSharding:
-    """Flat token axis over its mesh axis when n divides, else replicated."""
+    """Flat token axis over its mesh axis when n divides, else replicated (a batch on a
+    sharded pool always divides: one equal slice per shard)."""
     axis = self.mesh_axis("tokens")
     if axis is None or n % self.mesh.shape[axis]:
+      if self.pages_sharded:
+        raise ValueError(f"{n} tokens do not split over {self.shards} pool shards")
       return self.replicated
     return self.sharding(P(axis))
 
@@ -236,9 +266,9 @@ class MeshPlan:
                if s.device == dev)
 
   def kv_fraction_per_device(self) -> float:
-    """Share of every page a device holds (pages unsharded: 1 / kv-head shards)."""
+    """Share of the pool a device holds: 1 / (kv-head shards x pool shards)."""
     axis = self.mesh_axis("kv_heads")
-    return 1.0 / (self.mesh.shape[axis] if axis else 1)
+    return 1.0 / ((self.mesh.shape[axis] if axis else 1) * self.shards)
 
 
 def as_plan(mesh) -> MeshPlan | None:
@@ -281,15 +311,69 @@ def jit_step(fn, plan: MeshPlan, out_shardings, **jit_kw):
   return run
 
 
+def local_pages(ids, num_local: int, fill: int):
+  """Inside `shard_map` over `data`: global page ids -> this shard's local ids; ids on
+  other shards (and the padding) become `fill`."""
+  local = ids - jax.lax.axis_index("data") * num_local
+  return jnp.where((local >= 0) & (local < num_local), local, fill)
+
+
+def _pool_specs(plan: MeshPlan) -> P:
+  return P(None, plan.mesh_axis("kv_heads"), plan.mesh_axis("pages") if plan.pages_sharded
+           else None, None, None)
+
+
+def shard_write(plan: MeshPlan, write, cache_k, cache_v, layer, k, v, slot_mapping):
+  """The paged write of one layer's new k, v [t, kv_heads, e] on a sharded pool: each device
+  writes its slice of the tokens into its own pages (slots on other shards are dropped)."""
+  kv, cache = plan.mesh_axis("kv_heads"), _pool_specs(plan)
+  tokens = P("data", kv, None)
+
+  def local(ck, cv, layer, k, v, slots):
+    size = ck.shape[2] * ck.shape[3]  # slots per shard
+    s = slots - jax.lax.axis_index("data") * size
+    slots = jnp.where((slots >= 0) & (s >= 0) & (s < size), s, -1)
+    return write(ck, cv, layer, k, v, slots)
+
+  return jax.shard_map(local, mesh=plan.mesh, in_specs=(cache, cache, P(), tokens, tokens,
+                                                        P("data")),
+                       out_specs=(cache, cache), check_vma=False)(cache_k, cache_v, layer, k, v,
+                                                                  slot_mapping)
+
+
+def shard_copy_pages(plan: MeshPlan, k, v, src, dst):
+  """Pages dst[i] <- src[i] in every layer on a sharded pool, across shards: each device
+  contributes the sources it holds, one `psum` over `data` gives every device all of them,
+  and each writes the destinations it holds (out-of-range dst: padding, skipped)."""
+  cache = _pool_specs(plan)
+
+  def local(k, v, src, dst):
+    n = k.shape[2]
+    s = local_pages(src, n, -1)
+    d = local_pages(dst, n, n)
+
+    def one(x):
+      mine = jnp.where((s >= 0)[None, None, :, None, None], x[:, :, jnp.maximum(s, 0)], 0)
+      got = jax.lax.psum(mine, "data")
+      return x.at[:, :, d].set(got, mode="drop")
+
+    return one(k), one(v)
+
+  return jax.shard_map(local, mesh=plan.mesh, in_specs=(cache, cache, P(), P()),
+                       out_specs=(cache, cache), check_vma=False)(k, v, src, dst)
+
+
 def shard_attention(plan: MeshPlan, fn, args: tuple, kwargs: dict, *, decode: bool):
   """A paged attention call (kernel or reference) run per device with `jax.shard_map`.
 
   Each device attends its own query heads over its own kv heads (heads and
   kv heads on one mesh axis keep GQA groups whole) for its slice of the
-  tokens, reading the page pool, which is whole on every `data` shard; the
-  block tables are replicated (decode: split by row like the tokens). No
+  tokens. On a replicated pool it reads the whole pool and the block tables
+  are replicated (decode: split by row like the tokens). On a sharded pool
+  the tokens of shard d's agents are its slice, block tables and sequence ids
+  are split by row too (local rows), and page ids become local. No
   communication. With heads and kv heads on different axes (kv heads
-  replicated) it falls back to XLA's partitioner.
+  replicated) it falls back to XLA's partitioner, on a replicated pool only.
 
   args: (q [t, h, e], k_pages, v_pages [l, kv_heads, pages, page_size, e],
   block_tables [s, w], positions [t]) plus seq_ids [t] when not decode;
@@ -297,16 +381,21 @@ def shard_attention(plan: MeshPlan, fn, args: tuple, kwargs: dict, *, decode: bo
   """
   heads, kv = plan.mesh_axis("heads"), plan.mesh_axis("kv_heads")
   if heads != kv:
+    if plan.pages_sharded:
+      raise ValueError("a sharded pool needs heads and kv heads on one mesh axis")
     return fn(*args, **kwargs)
   tok = plan.mesh_axis("tokens") if plan.token_sharding(args[0].shape[0]).spec else None
-  rows = tok if decode else None
-  cache = P(None, kv, None, None, None)
+  rows = tok if decode or plan.pages_sharded else None
+  cache = _pool_specs(plan)
   specs = (P(tok, heads, None), cache, cache, P(rows, None), P(tok), P(tok))[:len(args)]
   arrays = {k: v for k, v in kwargs.items() if isinstance(v, jax.Array)}
   static = {k: v for k, v in kwargs.items() if k not in arrays}
   array_specs = {k: P() if k == "layer" else P(rows, None) for k in arrays}
 
   def local(args, arrays):
+    if plan.pages_sharded:
+      q, k_pages, v_pages, tables, *rest = args
+      args = (q, k_pages, v_pages, local_pages(tables, k_pages.shape[2], 0), *rest)
     return fn(*args, **arrays, **static)
 
   return jax.shard_map(local, mesh=plan.mesh, in_specs=(specs, array_specs),
