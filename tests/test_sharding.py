@@ -60,10 +60,19 @@ def test_smollm2_shards_heads_over_model_3():
   assert shard["layers"]["wo"].spec == P(None, "model", None)
   assert shard["layers"]["w_down"].spec == P(None, "model", None)
   assert shard["embed"].spec == P("model", None)
-  assert plan.cache_sharding(SMOLLM2_135M, CacheConfig()).spec == P(None, "model", None, None,
-                                                                      None)
+  # the pool: kv heads over model, pages over data (each data shard its own pages)
+  assert plan.pages_sharded and plan.shards == 2
+  assert plan.cache_sharding(SMOLLM2_135M, CacheConfig(num_pages=64)).spec == P(
+      None, "model", "data", None, None)
   assert plan.token_sharding(16).spec == P("data")
-  assert plan.token_sharding(1).spec == P()  # a one-row decode batch runs replicated
+  with pytest.raises(ValueError, match="do not split over 2 pool shards"):
+    plan.token_sharding(1)  # batches on a sharded pool come in one slice per shard
+  whole = plan.with_replicated_pool()  # the layout before sharded pools
+  assert not whole.pages_sharded and whole.shards == 1
+  assert whole.cache_sharding(SMOLLM2_135M, CacheConfig()).spec == P(None, "model", None, None,
+                                                                       None)
+  assert whole.token_sharding(1).spec == P()  # a one-row decode batch runs replicated
+  assert plan_for(1, 3).shards == 1  # one data shard: nothing to split
 
 
 def test_smollm2_refuses_model_2_unless_kv_heads_replicate():
@@ -86,7 +95,9 @@ def test_rules_refuse_collisions_and_unknown_axes():
     plan_for(1, 2, tuple(rules.items())).param_shardings(param_shapes(TINY), TINY)
   with pytest.raises(ValueError, match="the mesh has axes"):
     plan_for(1, 2, (("heads", "tensor"),))
-  with pytest.raises(ValueError, match="'pages' must map to None"):
+  with pytest.raises(ValueError, match="'pages' must map to 'data'"):
+    plan_for(2, 2, (("pages", "model"),))
+  with pytest.raises(ValueError, match="needs 'tokens' on 'data'"):
     plan_for(2, 1, (("pages", "data"),))
 
 
@@ -126,17 +137,26 @@ def test_sharded_rounds_match_one_device_for_every_method(tmp_path):
     assert got["outputs"][method] == ref["outputs"][method], method
     assert sum(len(ids) for r in ref["outputs"][method] for ids in r.values()) > 0
     for mine, one in zip(got["stats"][method], ref["stats"][method], strict=True):
-      assert mine["computed_tokens"] == one["computed_tokens"]
-      assert mine["pages_in_use"] == one["pages_in_use"]  # same selection, same mirrors
-      # pages unsharded: each device holds half of every page (kv heads over model=2)
-      assert mine["pages_sharded"] is False
-      assert mine["kv_bytes_in_use_per_device"] == mine["pages_in_use"] * page_bytes / 2
-      assert mine["kv_pool_bytes_per_device"] == POOL.num_pages * page_bytes // 2
+      if method == "prefix":  # a cached block serves only the agents on its shard
+        assert mine["computed_tokens"] >= one["computed_tokens"]
+      else:
+        assert mine["computed_tokens"] == one["computed_tokens"]
+      # the pool is sharded over data=2: each device holds half the pages, and half of each
+      # page (kv heads over model=2); every master has one replica per shard, so the pool
+      # holds one more copy of each than on one device, and nothing else changes
+      assert mine["pages_sharded"] is True
+      assert (mine["pool_shards"], mine["pages_per_shard"]) == (2, POOL.num_pages // 2)
+      assert mine["master_pages_per_shard"] == one["master_pages"]
+      if method != "prefix":
+        assert mine["pages_in_use"] == one["pages_in_use"] + mine["master_pages_per_shard"]
+      assert mine["kv_pool_bytes_per_device"] == POOL.num_pages * page_bytes // 4
+      per_shard = max(max(mine["pages_in_use_per_shard"]), -(-mine["pages_in_use"] // 2))
+      assert mine["kv_bytes_in_use_per_device"] == per_shard * page_bytes / 2
       assert 0 < mine["param_bytes_per_device"] < TINY.num_params() * 4
 
 
 FORWARD_CHILD = """
-import json, sys
+import copy, json, sys
 import jax, numpy as np
 from tokendance_jax import engine, model, sharding
 from tokendance_jax.config import TINY, AttentionConfig, CacheConfig
@@ -144,19 +164,31 @@ from tokendance_jax.paging import BlockTable, PageAllocator
 
 pool = CacheConfig(num_pages=32, page_size=8)
 params = model.init_params(TINY, jax.random.PRNGKey(1))
-alloc, rng, chunks = PageAllocator(pool.num_pages), np.random.default_rng(0), []
-for n in (21, 6, 13):
-  table = BlockTable(8)
+shards = sharding.as_plan(sys.argv[1]).shards  # a pool sharded over data: tables on shards
+alloc, rng, chunks = PageAllocator(pool.num_pages, shards), np.random.default_rng(0), []
+for i, n in enumerate((21, 6, 13)):
+  table = BlockTable(8, shard=i % shards)
   table.ensure(n + 1, alloc)
   chunks.append((table, [int(x) for x in rng.integers(3, 250, n + 1)], 0, n))
-batches = [(engine.build_batch(chunks)[0], False),
-           (engine.build_batch([(t, ids, n, 1) for t, ids, _, n in chunks], decode=True)[0], True)]
+steps = [(chunks, False), ([(t, ids, n, 1) for t, ids, _, n in chunks], True)]
+
+
+def one_slice(table):
+  t = copy.copy(table)
+  t.shard = 0
+  return t
+
+
 out = []
 for mesh, attn in ((None, AttentionConfig(impl="reference")),  # the one-device reference
                    (sys.argv[1], AttentionConfig(impl="pallas", interpret=True))):
   eng = engine.Engine(params, TINY, cache_cfg=pool, attn=attn, mesh=mesh)
   plan, logits = eng.mesh_plan, []
-  for batch, decode in batches:
+  for step, decode in steps:
+    if plan is None:  # the same global page ids, all in one slice
+      step = [(one_slice(t), *rest) for t, *rest in step]
+    batch, _, rows = engine.build_batch(step, decode=decode,
+                                        shards=1 if plan is None else shards)
     fwd = jax.jit(lambda p, c, b: model.forward(p, c, b, cfg=TINY, attn=attn, decode=decode,
                                                 plan=plan),
                   out_shardings=plan and (plan.replicated, plan.cache_sharding(TINY, pool)))
@@ -165,7 +197,7 @@ for mesh, attn in ((None, AttentionConfig(impl="reference")),  # the one-device 
     else:
       with jax.set_mesh(plan.mesh):
         lg, eng.cache = fwd(eng.params, eng.cache, eng.place(batch)[0])
-    logits.append(np.asarray(lg))
+    logits.append(np.asarray(lg)[rows])  # chunk order
   out.append((logits, np.asarray(eng.cache.k)))
 (one, k_one), (many, k_many) = out
 print(json.dumps({"logits": max(float(np.abs(a - b).max()) for a, b in zip(one, many)),
