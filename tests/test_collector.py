@@ -103,7 +103,7 @@ def _prefill(params, tokens, pages):
   """Full prefill of `tokens` on `pages` of a fresh pool: (cache, table)."""
   table = BlockTable(POOL.page_size)
   table.append_segment(pages, len(tokens))
-  batch, _ = build_batch([(table, tokens, np.arange(len(tokens)))])
+  batch, *_ = build_batch([(table, tokens, np.arange(len(tokens)))])
   _, cache = model.forward(params, model.KVCache.create(CFG, POOL), batch, cfg=CFG, attn=ATTN)
   return cache, table, batch
 
@@ -114,7 +114,7 @@ def _check(params, cache, table, tokens, check_layer=1):
   scratch = model.KVCache.create(sub, scratch_cfg)
   fresh = BlockTable(POOL.page_size)
   fresh.append_segment(list(range(1, 1 + -(-len(tokens) // POOL.page_size))), len(tokens))
-  batch, _ = build_batch([(fresh, tokens, np.arange(len(tokens)))])
+  batch, *_ = build_batch([(fresh, tokens, np.arange(len(tokens)))])
   reuse = np.full(batch.tokens.shape[0], -1, np.int32)
   reuse[:len(tokens)] = table.slots(0, len(tokens))
   dev, norm, _ = collector.check_deviation(params, scratch, cache.k[check_layer], batch, reuse,

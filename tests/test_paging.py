@@ -144,3 +144,93 @@ def test_plan_waves_fills_each_wave_in_order_and_names_an_agent_that_cannot_fit(
   assert plan_waves([], 5) == []
   with pytest.raises(OutOfPages, match="'b' alone needs up to 7 pages and 6 are free"):
     plan_waves([2, 7], 6, names=["a", "b"])
+
+
+def test_sharded_allocator_keeps_each_shard_in_its_range():
+  a = PageAllocator(12, shards=3)  # shard s: pages 4s..4s+3, page 4s reserved
+  assert (a.pages_per_shard, a.num_free, a.num_used) == (4, 9, 0)
+  got = {s: a.alloc(3, s) for s in range(3)}
+  assert got == {0: [1, 2, 3], 1: [5, 6, 7], 2: [9, 10, 11]}
+  assert [a.shard_of(p) for p in (0, 3, 4, 11)] == [0, 0, 1, 2]
+  a.free([6])
+  assert (a.free_in(0), a.free_in(1), a.used_in(1)) == (0, 1, 2)
+  with pytest.raises(OutOfPages, match=r"^shard 2: requested 1 pages, 0 free") as e:
+    a.alloc(1, 2)  # shard 1 has a free page; shard 2 does not
+  assert e.value.shard == 2
+  assert a.alloc(1, 1) == [6]
+  with pytest.raises(ValueError, match="reserved null page"):
+    a.share([4])
+  with pytest.raises(ValueError, match="shard 3 out of range"):
+    a.alloc(1, 3)
+  with pytest.raises(ValueError, match="split evenly"):
+    PageAllocator(10, shards=3)
+  a.check_invariants()
+
+
+def test_sharded_allocator_asks_reclaimers_for_the_short_shard_and_round_trips():
+  a = PageAllocator(8, shards=2)
+  held = a.alloc(3, 1)
+  asked = []
+
+  def reclaim(n, shard):
+    asked.append((n, shard))
+    return len(a.free(held[:1]))
+
+  a.add_reclaimer(reclaim)
+  assert a.alloc(1, 1) == [held[0]]
+  assert asked == [(1, 1)]
+  a.alloc(2, 0)  # shard 0 has room: no reclaimer asked
+  assert asked == [(1, 1)]
+  b = PageAllocator(8, shards=2)
+  b.load_state_dict(a.state_dict())
+  assert [b.refcount(p) for p in range(8)] == [a.refcount(p) for p in range(8)]
+  assert [b.free_in(s) for s in (0, 1)] == [1, 0]
+  with pytest.raises(ValueError, match="2 shard"):
+    PageAllocator(8).load_state_dict(a.state_dict())
+  b.check_invariants()
+
+
+def test_place_waves_balances_shards_and_prefers_the_shard_with_hits():
+  from tokendance_jax.admission import place_waves
+  # four agents of 3 pages on two shards of 6: two per shard, in one wave
+  assert place_waves([[3] * 4, [3] * 4], [6, 6]) == [[(0, 0), (1, 1), (2, 0), (3, 1)]]
+  # agent 1 needs less on shard 1 (a prefix-cache hit there): it goes there
+  assert place_waves([[3, 3], [3, 1]], [6, 6]) == [[(0, 0), (1, 1)]]
+  # a fifth agent does not fit the wave's shards: a new wave
+  assert place_waves([[3] * 5, [3] * 5], [6, 6])[1] == [(4, 0)]
+  with pytest.raises(OutOfPages, match=r"shard 1: .*agent 'b' alone needs up to 7 pages and 6 "
+                                       r"are free on any of the 2 pool shards") as e:
+    place_waves([[3, 8], [3, 7]], [6, 6], names=["a", "b"])
+  assert e.value.shard == 1
+
+
+def test_place_waves_charges_a_masters_replica_once_per_shard():
+  from tokendance_jax.admission import place_waves
+  # master "m" (3 pages) is on shard 0 only: the first reader on shard 1 pays its replica
+  # once, the next ones only their own pages; pages balance, counting the replica
+  reads, present = [{"m": 3}] * 7, [{"m"}, set()]
+  got = place_waves([[2] * 7, [2] * 7], [10, 10], reads=reads, present=present)
+  assert got == [[(0, 0), (1, 0), (2, 1), (3, 0), (4, 1), (5, 0), (6, 1)]]
+  # the replica stays across waves: shard 1 has 10 - 3 pages for the next wave's agents
+  waves = place_waves([[2] * 20, [2] * 20], [10, 10], reads=[{"m": 3}] * 20, present=present)
+  assert [len(w) for w in waves] == [8, 8, 4]  # shard 1: 3 agents per wave, not 5
+  assert sorted(d for _, d in waves[1]) == [0] * 5 + [1] * 3
+
+
+def test_build_batch_puts_each_shards_chunks_in_its_slice():
+  from tokendance_jax.batch import build_batch
+  a = PageAllocator(16, shards=2)
+  tables = [BlockTable(4, shard=s) for s in (1, 0, 1)]
+  for t, n in zip(tables, (5, 3, 2), strict=True):
+    t.ensure(n, a)
+  chunks = [(t, list(range(10, 10 + n)), 0, n) for t, n in zip(tables, (5, 3, 2), strict=True)]
+  batch, sampled, rows = build_batch(chunks, shards=2)
+  assert rows == [2, 0, 3]  # shard 0's one chunk in rows 0..1, shard 1's two in rows 2..3
+  t = batch.tokens.shape[0] // 2  # each slice bucketed to the larger (7 tokens -> 16)
+  assert t == 16 and sampled == {0, 1, 2}
+  assert list(batch.seq_ids[t:t + 7]) == [0] * 5 + [1] * 2  # rows local to the slice
+  assert list(batch.positions[:4]) == [0, 1, 2, -1]
+  assert all(a.shard_of(p) == 1 for p in batch.block_tables[2:4].ravel() if p)
+  assert batch.logits_index[2] == t + 4 and batch.logits_index[0] == 2
+  with pytest.raises(ValueError, match="shard 1; the pool has 1"):
+    build_batch(chunks)

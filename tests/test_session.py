@@ -134,7 +134,7 @@ def test_mirror_is_lossless(params):
   for tables in ([a.table for a in agents], dense):
     chunks = [(t, a.tokens + [11], np.array([len(a.tokens)])) for t, a in zip(tables, agents,
                                                                                 strict=True)]
-    batch, _ = build_batch(chunks, decode=True)
+    batch, *_ = build_batch(chunks, decode=True)
     out, _ = model.forward(params, sess.engine.cache, batch, cfg=CFG, attn=sess.attn, decode=True)
     logits.append(np.asarray(out[:len(agents)]))
   np.testing.assert_array_equal(logits[0], logits[1])

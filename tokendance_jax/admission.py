@@ -10,9 +10,10 @@ raises `OutOfPages`.
 `place_waves` is the pure part; the session estimates each agent's pages (an
 upper bound: its fresh prompt pages, the most copy-on-write pages its
 recompute budget can touch, and its output pages). On a pool sharded over
-devices it also places each agent on a shard: the one where it needs the
-fewest pages (a prefix-cache hit lives on one shard), then the one with the
-most room left in the wave, so the shards' pages balance.
+devices it also places each agent on a shard: the one with the most room
+left once the agent is there, so the shards' pages balance; an agent costs
+less where its prefix-cache hit lives or where the masters it reads already
+have a replica (a new replica is charged once per shard).
 """
 
 from __future__ import annotations
@@ -29,37 +30,53 @@ def plan_waves(needs: list[int], available: int, names: list[str] | None = None)
   return [[i for i, _ in w] for w in place_waves([needs], [available], names)]
 
 
-def place_waves(needs: list[list[int]], available: list[int],
-                names: list[str] | None = None) -> list[list[tuple[int, int]]]:
+def place_waves(needs: list[list[int]], available: list[int], names: list[str] | None = None,
+                reads: list[dict[str, int]] | None = None,
+                present: list[set[str]] | None = None) -> list[list[tuple[int, int]]]:
   """Agents 0..n-1 (in order) in waves of (agent, shard), each shard's summed needs in a
   wave within its `available` pages.
 
   needs[d][i]: pages agent i needs on shard d; available[d]: shard d's pages.
+  reads[i]: {master key: pages} agent i reads; present[d]: the masters with a replica
+  on shard d. An agent placed on a shard without a replica of a master it reads pays the
+  replica's pages once for that shard; replicas outlive the wave.
   Raises OutOfPages naming the first agent that fits no shard alone.
   """
   if len(needs) != len(available):
     raise ValueError(f"needs for {len(needs)} shards, pages for {len(available)}")
   n = len(needs[0]) if needs else 0
   names = names or [str(i) for i in range(n)]
+  reads = reads or [{} for _ in range(n)]
+  have = [set(p) for p in present] if present else [set() for _ in available]
   shards = range(len(available))
+  fixed = [0] * len(available)  # replica pages made this round, held across its waves
+
+  def cost(i: int, d: int) -> int:
+    return needs[d][i] + sum(v for k, v in reads[i].items() if k not in have[d])
+
   waves: list[list[tuple[int, int]]] = []
   cur, used = [], [0] * len(available)
   for i in range(n):
-    if all(needs[d][i] > available[d] for d in shards):
-      d = max(shards, key=lambda d: available[d] - needs[d][i])
+    if all(fixed[d] + cost(i, d) > available[d] for d in shards):
+      d = max(shards, key=lambda d: available[d] - fixed[d] - cost(i, d))
       where = f" on any of the {len(available)} pool shards (shard {d} has the most room)" \
           if len(available) > 1 else ""
-      raise OutOfPages(needs[d][i], available[d],
-                       f"agent {names[i]!r} alone needs up to {needs[d][i]} pages and "
-                       f"{available[d]} are free{where} after the round's masters and cached "
-                       "pages; a bigger pool (--num-pages) or a shorter prompt is needed",
-                       shard=d if len(available) > 1 else None)
-    fits = [d for d in shards if used[d] + needs[d][i] <= available[d]]
+      raise OutOfPages(cost(i, d), available[d] - fixed[d],
+                       f"agent {names[i]!r} alone needs up to {cost(i, d)} pages and "
+                       f"{available[d] - fixed[d]} are free{where} after the round's masters "
+                       "and cached pages; a bigger pool (--num-pages) or a shorter prompt is "
+                       "needed", shard=d if len(available) > 1 else None)
+    fits = [d for d in shards if fixed[d] + used[d] + cost(i, d) <= available[d]]
     if not fits:
       waves.append(cur)
       cur, used = [], [0] * len(available)
-      fits = [d for d in shards if needs[d][i] <= available[d]]
-    d = min(fits, key=lambda d: (needs[d][i], used[d] + needs[d][i] - available[d], d))
+      fits = [d for d in shards if fixed[d] + cost(i, d) <= available[d]]
+    # the most room left after placing it (pages balance; a shard that needs no replica or
+    # holds a prefix hit costs less, so leaves more), then the lower cost
+    d = min(fits, key=lambda d: (fixed[d] + used[d] + cost(i, d) - available[d], cost(i, d), d))
+    replica = cost(i, d) - needs[d][i]
     cur.append((i, d))
     used[d] += needs[d][i]
+    fixed[d] += replica
+    have[d].update(reads[i])
   return waves + [cur] if cur else waves

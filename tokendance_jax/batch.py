@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from tokendance_jax import model
+from tokendance_jax import model, sampling
 
-__all__ = ["bucket", "build_batch"]
+__all__ = ["bucket", "build_batch", "row_sampling"]
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -72,3 +72,13 @@ def _shard(table, shards: int) -> int:
   if not 0 <= table.shard < shards:
     raise ValueError(f"a block table on shard {table.shard}; the pool has {shards} shard(s)")
   return table.shard
+
+
+def row_sampling(params, steps, row_of, batch) -> sampling.SamplingArrays:
+  """Per-chunk sampling params and steps, scattered to their batch rows (`build_batch`'s
+  row of each chunk); padding rows decode greedily."""
+  rows = batch.block_tables.shape[0]
+  by_row, step = [None] * rows, [0] * rows
+  for p, n, r in zip(params, steps, row_of, strict=True):
+    by_row[r], step[r] = p, n
+  return sampling.SamplingArrays.from_params(by_row, step, rows)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tokendance_jax import model
+from tokendance_jax import model, sharding
 from tokendance_jax.config import AttentionConfig, ModelConfig
 
 
@@ -161,3 +161,10 @@ def copy_pages(cache: model.KVCache, src, dst) -> model.KVCache:
   """cache pages dst[i] <- src[i] in every layer; dst out of range is skipped (padding)."""
   return model.KVCache(k=cache.k.at[:, :, dst].set(cache.k[:, :, src], mode="drop"),
                        v=cache.v.at[:, :, dst].set(cache.v[:, :, src], mode="drop"))
+
+
+@functools.partial(jax.jit, static_argnames=("plan",), donate_argnames=("cache",))
+def copy_pages_sharded(cache: model.KVCache, src, dst, *, plan) -> model.KVCache:
+  """`copy_pages` on a pool sharded over `data`, between shards too
+  (`sharding.shard_copy_pages`)."""
+  return model.KVCache(*sharding.shard_copy_pages(plan, cache.k, cache.v, src, dst))

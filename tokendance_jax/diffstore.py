@@ -8,8 +8,10 @@ dense is ever rebuilt: the attention kernels read the mirror's table.
 
 The registry holds one page reference per master page; each mirror that
 lists a page holds another, so a master lives until its last reader is gone.
-On a pool sharded over devices a master has one replica per shard (one copy
-per shard, not per agent); an agent reads the replica on its own shard.
+On a pool sharded over devices a master has at most one replica per shard
+(one copy per shard, not per agent), made when an agent on that shard first
+reads it (`RoundContext.place_replicas`); an agent reads the replica on its
+own shard.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from tokendance_jax.paging import BlockTable, PageAllocator
 class Master:
   key: str
   tokens: tuple[int, ...]
-  replicas: list[list[int]]  # the master's pages on each pool shard (one list per shard)
+  replicas: dict[int, list[int]]  # pool shard -> the master's pages there
   source: str  # "context", "prefill" (standalone after the anchor) or "decode" (an output)
   # segment_key of the tokens this master was computed after (None: unknown, e.g. decode).
   # A reader whose prompt holds exactly these tokens before the segment gets its K/V exactly.
@@ -34,10 +36,14 @@ class Master:
   @property
   def pages(self) -> list[int]:
     """Every page of every replica (what the registry holds references on)."""
-    return [p for r in self.replicas for p in r]
+    return [p for r in self.replicas.values() for p in r]
+
+  @property
+  def num_blocks(self) -> int:
+    return len(next(iter(self.replicas.values())))
 
   def on(self, shard: int) -> list[int]:
-    """The replica on `shard`."""
+    """The replica on `shard` (KeyError: none there yet)."""
     return self.replicas[shard]
 
 
@@ -55,19 +61,26 @@ class MasterRegistry:
     self.masters[key] = self.masters.pop(key)  # most recently used last
     return self.masters[key]
 
-  def add(self, key: str, tokens, replicas: list[list[int]], source: str,
+  def add(self, key: str, tokens, pages: list[int], source: str,
           context: str | None = None) -> None:
-    """Register one replica's pages per pool shard (the caller's references pass to the
-    registry)."""
-    if len(replicas) != self.allocator.shards:
-      raise ValueError(f"master {key[:12]}: {len(replicas)} replicas for a pool of "
-                       f"{self.allocator.shards} shard(s)")
-    if any(self.allocator.shard_of(p) != s for s, r in enumerate(replicas) for p in r):
-      raise ValueError(f"master {key[:12]}: a replica's pages are on another shard")
+    """Register pages (all on one pool shard: the master's first replica; the caller's
+    references pass to the registry)."""
+    shards = {self.allocator.shard_of(p) for p in pages}
+    if len(shards) > 1:
+      raise ValueError(f"master {key[:12]}: pages {pages} span shards {sorted(shards)}")
     if key in self.masters:
-      self.allocator.free([p for r in replicas for p in r])  # an identical block is stored
+      self.allocator.free(pages)  # an identical block is already stored
       return
-    self.masters[key] = Master(key, tuple(tokens), [list(r) for r in replicas], source, context)
+    shard = shards.pop() if shards else 0
+    self.masters[key] = Master(key, tuple(tokens), {shard: list(pages)}, source, context)
+
+  def add_replica(self, key: str, shard: int, pages: list[int]) -> None:
+    """Register a copy of master `key` on `shard` (the caller's references pass on)."""
+    m = self.masters[key]
+    if shard in m.replicas or len(pages) != m.num_blocks or any(
+        self.allocator.shard_of(p) != shard for p in pages):
+      raise ValueError(f"master {key[:12]}: {pages} is not a new replica on shard {shard}")
+    m.replicas[shard] = list(pages)
 
   def retain_only(self, keys) -> int:
     """Drop masters not in `keys`; returns how many were dropped."""
@@ -91,7 +104,7 @@ class MasterRegistry:
       if all(self.allocator.refcount(p) == 1 for p in m.pages):
         del self.masters[key]
         self.allocator.free(m.pages)
-        freed += len(m.pages if shard is None else m.on(shard))
+        freed += len(m.pages if shard is None else m.replicas.get(shard, []))
     return freed
 
   @property
@@ -124,6 +137,7 @@ class Footprint:
   shared_region_pages: int  # distinct pages behind shared segments, across agents
   private_pages: int  # pages owned by one agent only (private segments, copies)
   mirror_pages: int  # agent-owned pages that replace a master block (copy-on-write)
+  pages_in_use_per_shard: tuple[int, ...] = ()  # pages_in_use on each pool shard
 
 
 def footprint(tables: list[BlockTable], shared_blocks: list[set[int]], mirror_blocks: list[set[int]],
@@ -135,6 +149,8 @@ def footprint(tables: list[BlockTable], shared_blocks: list[set[int]], mirror_bl
   own = sum(int(counts[p] == 1 and allocator.refcount(p) == 1) for p in set(all_pages))
   mirrors = sum(len(m) for m in mirror_blocks)
   return Footprint(pages_in_use=allocator.num_used, unique_pages=len(set(all_pages)),
+                   pages_in_use_per_shard=tuple(allocator.used_in(d)
+                                                for d in range(allocator.shards)),
                    shared_region_pages=len(shared), private_pages=own, mirror_pages=mirrors)
 
 
@@ -165,6 +181,7 @@ def combine_footprints(waves: list[WaveFootprint]) -> Footprint:
   kept_s = frozenset().union(*(w.kept_shared for w in waves))
   return Footprint(
       pages_in_use=max(f.pages_in_use for f in fps),
+      pages_in_use_per_shard=tuple(map(max, *(f.pages_in_use_per_shard for f in fps))),
       unique_pages=len(kept_u) + sum(f.unique_pages - len(w.kept_unique)
                                      for f, w in zip(fps, waves, strict=True)),
       shared_region_pages=len(kept_s) + sum(f.shared_region_pages - len(w.kept_shared)

@@ -31,7 +31,6 @@ Outside callers use the public surface only: `add_request` / `generate`,
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
 import itertools
 
@@ -39,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tokendance_jax import batch as batch_mod
 from tokendance_jax import collector, model, sampling, sharding
 from tokendance_jax.batch import bucket, build_batch  # noqa: F401 - bucket re-exported
 from tokendance_jax.config import AttentionConfig, CacheConfig, ModelConfig
@@ -46,53 +46,9 @@ from tokendance_jax.paging import BlockTable, OutOfPages, PageAllocator, pages_n
 from tokendance_jax.prefix_cache import PrefixCache
 from tokendance_jax.progress import bar as progress_bar
 from tokendance_jax.sampling import SamplingParams
+from tokendance_jax.sequence import CacheLost, GenerationResult, Sequence
 
-
-@dataclasses.dataclass
-class Sequence:
-  seq_id: int
-  prompt: list[int]
-  params: SamplingParams
-  table: BlockTable
-  tokens: list[int]
-  num_computed: int = 0
-  finish_reason: str | None = None
-  retain: bool = False  # keep the pages when finished (the caller takes them over)
-  keep_blocks: int = 0  # leading blocks a preemption leaves in place (an adopted prompt)
-  cached_tokens: int = 0  # leading prompt tokens whose K/V came from the prefix cache
-  cached_blocks: int = 0  # leading blocks taken from the prefix cache
-  inserted_blocks: int = 0  # leading blocks already offered to the prefix cache
-
-  @property
-  def output(self) -> list[int]:
-    return self.tokens[len(self.prompt):]
-
-  @property
-  def pending(self) -> int:
-    return len(self.tokens) - self.num_computed
-
-
-class CacheLost(RuntimeError):
-  """A step failed after the KV cache was donated to it, so every page's K/V is gone.
-
-  The engine starts again on an empty pool of the same shape and aborts the
-  sequences it was running or holding (`seq_ids`). Whoever keeps page
-  contents across steps (masters, a prefix cache) must drop them: their
-  pages are still allocated but hold zeros now.
-  """
-
-  def __init__(self, seq_ids: list[int], cause: BaseException):
-    super().__init__(f"a model step failed after the KV cache was donated to it ({cause!r}); "
-                     f"the K/V of every page is lost and {len(seq_ids)} sequences were aborted")
-    self.seq_ids = seq_ids
-
-
-@dataclasses.dataclass(frozen=True)
-class GenerationResult:
-  seq_id: int
-  prompt_ids: list[int]
-  output_ids: list[int]
-  finish_reason: str  # "stop" (EOS / stop token) or "length"
+__all__ = ["CacheLost", "Engine", "GenerationResult", "Sequence", "bucket", "build_batch"]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "attn", "decode", "plan"),
@@ -118,20 +74,6 @@ _JIT_KW = {
 }
 
 
-def _row_sampling(params, steps, row_of, batch) -> sampling.SamplingArrays:
-  """Per-chunk sampling params and steps, scattered to their batch rows."""
-  rows = batch.block_tables.shape[0]
-  by_row, step = [None] * rows, [0] * rows
-  for p, n, r in zip(params, steps, row_of, strict=True):
-    by_row[r], step[r] = p, n
-  return sampling.SamplingArrays.from_params(by_row, step, rows)
-
-
-@functools.partial(jax.jit, static_argnames=("plan",), donate_argnames=("cache",))
-def _copy_sharded(cache, src, dst, *, plan):
-  return model.KVCache(*sharding.shard_copy_pages(plan, cache.k, cache.v, src, dst))
-
-
 class Engine:
   """Paged, continuously batched generation for one model.
 
@@ -142,7 +84,7 @@ class Engine:
     attn: attention implementation; default picks kernels on GPU and the jnp
       reference on CPU (`AttentionConfig.default_for_backend`).
     max_batch: most sequences running at once.
-    max_prefill_tokens: tokens per prefill step (longer prompts are chunked).
+    max_prefill_tokens: tokens per prefill step, per pool shard (longer prompts are chunked).
     mesh: None (one device), or a `jax.sharding.Mesh`, "data=2,model=3" spec or
       `sharding.MeshPlan`: params, pool and batches are then placed per its rules.
     prefix_caching: reuse full blocks of earlier sequences with the same leading tokens
@@ -310,8 +252,12 @@ class Engine:
     a = self.allocator
     if a.shards == 1:
       return 0
-    hit = lambda d: len(self.prefix.peek(self._prompt_blocks(seq), d)) if self.prefix else 0  # noqa: E731
-    return max(range(a.shards), key=lambda d: (hit(d), a.free_in(d), -d))
+    blocks = self._prompt_blocks(seq) if self.prefix is not None else []
+
+    def rank(d: int):
+      return (len(self.prefix.peek(blocks, d)) if blocks else 0, a.free_in(d), -d)
+
+    return max(range(a.shards), key=rank)
 
   def _prompt_blocks(self, seq: Sequence) -> list[tuple[int, ...]]:
     """seq's full prompt blocks before its last token (those prefix caching may serve)."""
@@ -350,14 +296,16 @@ class Engine:
       seq.inserted_blocks = full
 
   def _pack_prefill(self, seqs: list[Sequence]) -> list[tuple[Sequence, int]]:
-    """Chunks (seq, n_tokens) filling at most max_prefill_tokens."""
-    budget, chunks = self.max_prefill_tokens, []
+    """Chunks (seq, n_tokens) filling at most max_prefill_tokens per pool shard (each shard's
+    device computes its own)."""
+    left, chunks = collections.defaultdict(lambda: self.max_prefill_tokens), []
     for seq in seqs:
-      if budget == 0:
-        break
-      n = min(seq.pending, budget)
+      shard = seq.table.shard
+      if left[shard] == 0:
+        continue
+      n = min(seq.pending, left[shard])
       chunks.append((seq, n))
-      budget -= n
+      left[shard] -= n
     return chunks
 
   def _reserve_decode(self) -> list[tuple[Sequence, int]]:
@@ -399,8 +347,9 @@ class Engine:
 
   def _run(self, chunks: list[tuple[Sequence, int]], decode: bool) -> None:
     batch, sampled, row_of = self._build_batch(chunks, decode)
-    samp = _row_sampling([s.params if i in sampled else None for i, (s, _) in enumerate(chunks)],
-                         [len(s.output) for s, _ in chunks], row_of, batch)
+    samp = batch_mod.row_sampling(
+        [s.params if i in sampled else None for i, (s, _) in enumerate(chunks)],
+        [len(s.output) for s, _ in chunks], row_of, batch)
     batch, samp = self.place(batch, samp)
     tokens, = self.donate(self.jitted(_model_step, 1), batch, samp, cfg=self.cfg, attn=self.attn,
                           decode=decode)
@@ -414,7 +363,8 @@ class Engine:
 
   def prefill(self, chunks, want_logits: bool = False,
               params: list[SamplingParams | None] | None = None):
-    """Feed chunks over caller-owned block tables, in batches of max_prefill_tokens.
+    """Feed chunks over caller-owned block tables, in batches of max_prefill_tokens (per pool
+    shard).
 
     A chunk is (table, tokens, positions): tokens[positions] are fed at those
     (increasing, possibly scattered) positions and their K/V written through
@@ -429,14 +379,16 @@ class Engine:
     pieces = [(i, c[0], c[1], c[2][j:j + budget])
               for i, c in enumerate(chunks) for j in range(0, max(len(c[2]), 1), budget)]
     firsts, logps, batch_items = {}, {}, []
-    size = 0
+    size = collections.Counter()  # tokens per pool shard in the batch being packed
     for piece in pieces + [None]:
-      if piece is not None and (not batch_items or size + len(piece[3]) <= budget):
+      if piece is not None and (not batch_items or size[piece[1].shard] + len(piece[3]) <= budget):
         batch_items.append(piece)
-        size += len(piece[3])
+        size[piece[1].shard] += len(piece[3])
         continue
       self._prefill_batch(batch_items, params, want_logits, firsts, logps)
-      batch_items, size = ([piece], len(piece[3])) if piece is not None else ([], 0)
+      batch_items, size = ([piece], collections.Counter()) if piece is not None else ([], None)
+      if piece is not None:
+        size[piece[1].shard] = len(piece[3])
     order = sorted(firsts)
     lp = jnp.stack([logps[i] for i in order]) if want_logits and order else None
     return [firsts[i] for i in order], lp
@@ -447,8 +399,9 @@ class Engine:
     batch, sampled, row_of = build_batch([(t, toks, pos) for _, t, toks, pos in items],
                                          shards=self.allocator.shards)
     greedy = SamplingParams(max_tokens=1)
-    samp = _row_sampling([(params[i] or greedy) if j in sampled else None
-                          for j, (i, *_) in enumerate(items)], [0] * len(items), row_of, batch)
+    samp = batch_mod.row_sampling([(params[i] or greedy) if j in sampled else None
+                                   for j, (i, *_) in enumerate(items)],
+                                  [0] * len(items), row_of, batch)
     batch, samp = self.place(batch, samp)
     tokens, logp = self.donate(self.jitted(_model_step_logits, 2), batch, samp, cfg=self.cfg,
                                attn=self.attn)
@@ -467,7 +420,7 @@ class Engine:
       self.donate(lambda _, cache: (collector.copy_pages(cache, src, dst),))
       return
     src, dst = plan.replicate((np.asarray(src, np.int32), np.asarray(dst, np.int32)))
-    self.donate(lambda _, cache: (_copy_sharded(cache, src, dst, plan=plan),))
+    self.donate(lambda _, cache: (collector.copy_pages_sharded(cache, src, dst, plan=plan),))
 
   def donate(self, step, *args, **kwargs) -> tuple:
     """`step(params, cache, *args, **kwargs)`, which donates the cache and returns its outputs

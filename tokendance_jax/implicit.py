@@ -169,6 +169,6 @@ class ImplicitRounds:
       alloc.share(pages)  # the registry's reference
       exact = all(not s.shared or q + len(s) <= a.exact_head
                                      for q, _, s in a.seg_spans if q < p0)
-      registry.add(seg.key, seg.tokens, self.rs.ctx.replicate(pages, a.table.shard),
+      registry.add(seg.key, seg.tokens, pages,
                    source="context",
                    context=segment_key(a.tokens[:p0]) if exact else None)

@@ -76,10 +76,14 @@ def release(agents: list[AgentState], allocator: PageAllocator) -> None:
 
 
 def layout_wave(prompts, method, ctx, shards: list[int] | None = None) -> list[AgentState]:
-  """Block tables for a wave's prompts, prompt i's on pool shard shards[i] (default 0); on
-  failure every page taken is released."""
+  """Block tables for a wave's prompts, prompt i's on pool shard shards[i] (default 0),
+  after replicas of the masters they read are placed on their shards; on failure every
+  page the tables took is released (the replicas stay with their masters)."""
   agents: list[AgentState] = []
   shards = shards or [0] * len(prompts)
+  if method.reuses_masters:  # each agent reads the masters' replicas on its own shard
+    ctx.place_replicas([(seg.key, shard) for p, shard in zip(prompts, shards, strict=True)
+                        for seg in p.segments if seg.shared])
   try:
     for p, shard in zip(prompts, shards, strict=True):
       agents.append(_layout(p, method, ctx, shard))

@@ -13,8 +13,9 @@ stage runs those plans on the engine and registers the results in the
 With `keep_masters`, the masters a round uses are pinned (one extra
 reference) so the registry's eviction cannot take them mid-round; `unpin`
 drops those references. Every page a failed prefill took is freed. On a
-sharded pool a master is computed on the shard with the most free pages and
-copied to every other shard (`RoundContext.replicate`).
+sharded pool a master is computed on the shard holding most of the masters
+it reads (given a replica of the others there), then the one with the most
+free pages; other shards get replicas when their agents read it.
 """
 
 from __future__ import annotations
@@ -66,7 +67,9 @@ class MasterBuilder:
     its K/V is not what a prompt with the same tokens computes, so its
     context is None. On failure every page taken here is freed.
     """
-    ctx, alloc, shard = self.ctx, self.ctx.allocator, self.ctx.roomiest_shard()
+    ctx, alloc = self.ctx, self.ctx.allocator
+    shard = ctx.shard_for([seg.key for seg, c in zip(seq.segments, seq.compute, strict=True)
+                          if not c])
     table, tokens, positions, made = BlockTable(ctx.page_size, shard), [], [], []
     exact = True
     try:
@@ -86,7 +89,7 @@ class MasterBuilder:
       for seg, b0, n, exact_here in made:
         pages = table.pages[b0:b0 + n]
         alloc.share(pages)  # the registry's reference
-        ctx.masters.add(seg.key, seg.tokens, ctx.replicate(pages, shard), source="context",
+        ctx.masters.add(seg.key, seg.tokens, pages, source="context",
                         context=segment_key(tokens[:table.starts[b0]]) if exact_here else None)
     finally:
       table.release(alloc)
@@ -98,7 +101,8 @@ class MasterBuilder:
     """Masters for `segs`, each prefilled alone or right after the `anchor` master's tokens."""
     if not segs:
       return
-    ctx, alloc, shard = self.ctx, self.ctx.allocator, self.ctx.roomiest_shard()
+    ctx, alloc = self.ctx, self.ctx.allocator
+    shard = ctx.shard_for([anchor.key] if anchor is not None else [])
     anchor_m = ctx.masters.get(anchor.key) if anchor is not None else None
     head = tuple(anchor_m.tokens) if anchor_m is not None else ()
     head_pages = list(anchor_m.on(shard)) if anchor_m is not None else []
@@ -118,7 +122,7 @@ class MasterBuilder:
       for table, seg in zip(tables, segs, strict=True):
         pages = table.pages[len(head_pages):]
         alloc.share(pages)  # the registry's reference
-        ctx.masters.add(seg.key, seg.tokens, ctx.replicate(pages, shard), source="prefill",
+        ctx.masters.add(seg.key, seg.tokens, pages, source="prefill",
                         context=segment_key(head) if exact else None)
     finally:
       for table in tables:

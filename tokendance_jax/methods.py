@@ -125,8 +125,8 @@ class _Reuse(Method):
       pages = diffstore.output_master_pages(a.table, a.num_prompt, len(output))
       if pages is not None:
         ctx.allocator.share(pages)
-        ctx.masters.add(Segment(tuple(output), shared=True).key, output,
-                        ctx.replicate(pages, a.table.shard), source="decode")
+        ctx.masters.add(Segment(tuple(output), shared=True).key, output, pages,
+                        source="decode")
 
 
 class PerRequestPIC(_Reuse):

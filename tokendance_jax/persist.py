@@ -52,7 +52,7 @@ def capture(rs) -> tuple[dict | None, dict]:
                "dtype": str(jnp.dtype(rs.cache_cfg.dtype))},
       "kv_shape": list(cache.k.shape),
       "allocator": alloc,
-      "masters": [{"key": m.key, "tokens": list(m.tokens), "replicas": m.replicas,
+      "masters": [{"key": m.key, "tokens": list(m.tokens), "replicas": list(m.replicas.items()),
                    "source": m.source,
                    "context": m.context}
                   for m in rs.masters.masters.values()],
@@ -102,9 +102,9 @@ def restore(rs, arrays: dict | None, meta: dict) -> None:
                           v=cache.v.at[:, :, idx].set(jnp.asarray(v, cache.v.dtype)))
   rs.engine.cache = jax.block_until_ready(cache)
   for m in meta["masters"]:
-    replicas = m["replicas"] if "replicas" in m else [m["pages"]]  # before sharded pools
+    replicas = m["replicas"] if "replicas" in m else [(0, m["pages"])]  # before sharded pools
     rs.masters.masters[m["key"]] = Master(m["key"], tuple(m["tokens"]),
-                                          [list(r) for r in replicas], m["source"],
+                                          {int(d): list(r) for d, r in replicas}, m["source"],
                                           m.get("context"))
   if meta["prefix"] is not None:
     if rs.prefix is None:

@@ -17,8 +17,8 @@ import jax
 import numpy as np
 
 from tokendance_jax import diffstore
-from tokendance_jax.config import CacheConfig, ModelConfig
 from tokendance_jax.batch import bucket
+from tokendance_jax.config import CacheConfig, ModelConfig
 from tokendance_jax.engine import Engine
 from tokendance_jax.paging import NULL_PAGE, PageAllocator
 from tokendance_jax.prefix_cache import PrefixCache
@@ -81,26 +81,42 @@ class RoundContext:
     if src:
       self.engine.copy_pages(pad_pages(src, NULL_PAGE), pad_pages(dst, self.cache_cfg.num_pages))
 
-  def replicate(self, pages: list[int], shard: int) -> list[list[int]]:
-    """A master's replicas, one per pool shard: `pages` (on `shard`, references passed on)
-    and a copy on fresh pages of every other shard. On failure nothing new is held."""
-    a = self.allocator
-    replicas = [list(pages) if d == shard else [] for d in range(a.shards)]
+  def place_replicas(self, wanted) -> int:
+    """A replica of each master `key` on `shard`, for each (key, shard) in `wanted` that has
+    none: fresh pages there, copied from an existing replica in one device call. Returns
+    the pages copied; on failure nothing new is held."""
+    a, made = self.allocator, []
     try:
-      for d in range(a.shards):
-        if d != shard:
-          replicas[d] = a.alloc(len(pages), d)
+      for key, shard in dict.fromkeys(wanted):
+        m = self.masters.masters[key]
+        if shard not in m.replicas:
+          made.append((key, shard, a.alloc(m.num_blocks, shard)))
     except BaseException:
-      a.free([p for d, r in enumerate(replicas) if d != shard for p in r])
+      a.free([p for *_, pages in made for p in pages])
       raise
-    others = [d for d in range(a.shards) if d != shard]
-    self.copy([p for _ in others for p in pages], [p for d in others for p in replicas[d]])
-    return replicas
+    src = [p for key, *_ in made for p in next(iter(self.masters.masters[key].replicas.values()))]
+    self.copy(src, [p for *_, pages in made for p in pages])
+    for key, shard, pages in made:
+      self.masters.add_replica(key, shard, pages)
+    return len(src)
 
-  def roomiest_shard(self) -> int:
-    """The pool shard with the most free pages (where a master is computed)."""
-    a = self.allocator
-    return max(range(a.shards), key=lambda d: (a.free_in(d), -d))
+  def master_shards(self) -> list[set[str]]:
+    """The keys of the masters with a replica on each pool shard."""
+    out = [set() for _ in range(self.allocator.shards)]
+    for key, m in self.masters.masters.items():
+      for shard in m.replicas:
+        out[shard].add(key)
+    return out
+
+  def shard_for(self, keys) -> int:
+    """The pool shard where a sequence reading masters `keys` is computed: the one holding
+    most of them, then the one with the most free pages; replicas of the others are
+    placed there."""
+    a, have = self.allocator, self.master_shards()
+    shard = max(range(a.shards), key=lambda d: (sum(k in have[d] for k in keys), a.free_in(d),
+                                                -d))
+    self.place_replicas([(k, shard) for k in keys])
+    return shard
 
   def kept_pages(self) -> set[int]:
     """Pages the session holds across waves and rounds (masters, the prefix cache)."""

@@ -32,22 +32,22 @@ def token_stats(agents: list[AgentState], cfg: ModelConfig) -> dict:
           "shared_recomputed_per_agent": shared_recomputed}
 
 
-def device_stats(engine, pages_in_use: int, page_bytes: int, master_pages: int = 0) -> dict:
-  """Per-device memory under a mesh. On a sharded pool (`pages_sharded`) each `data` shard
-  holds its own pages: in-use bytes per device are the fullest shard's pages at the end of
-  the round (or the round's peak `pages_in_use` spread evenly, if larger), and every
-  shard holds one replica of each master (`master_pages_per_shard`). On a replicated pool
-  every device holds its kv-head share of every page."""
+def device_stats(engine, fp, page_bytes: int, masters=()) -> dict:
+  """Per-device memory under a mesh, from a round's `diffstore.Footprint`. On a sharded pool
+  (`pages_sharded`) each `data` shard holds its own pages: in-use bytes per device are the
+  fullest shard's at the round's peak; a shard holds a replica of each master its agents
+  read (`master_pages_per_shard`; `master_replica_pages` counts the pages beyond each
+  master's first copy). On a replicated pool every device holds its kv-head share of
+  every page."""
   plan, alloc = engine.mesh_plan, engine.allocator
-  frac = plan.kv_fraction_per_device()  # of the whole pool
-  heads = frac * plan.shards  # kv-head share of one page
-  used = [alloc.used_in(d) for d in range(alloc.shards)]
-  in_use = max(max(used), -(-pages_in_use // alloc.shards)) if plan.pages_sharded \
-      else pages_in_use
+  heads = plan.kv_fraction_per_device() * plan.shards  # kv-head share of one page
+  in_use = max(fp.pages_in_use_per_shard) if plan.pages_sharded else fp.pages_in_use
   return {"mesh": sharding.describe(plan.mesh), "devices": plan.mesh.size,
           "pages_sharded": plan.pages_sharded, "pool_shards": alloc.shards,
-          "pages_per_shard": alloc.pages_per_shard, "pages_in_use_per_shard": used,
-          "master_pages_per_shard": master_pages // alloc.shards,
+          "pages_per_shard": alloc.pages_per_shard,
+          "master_pages_per_shard": [sum(len(m.replicas.get(d, ())) for m in masters)
+                                     for d in range(alloc.shards)],
+          "master_replica_pages": sum(len(m.pages) - m.num_blocks for m in masters),
           "kv_bytes_in_use_per_device": in_use * page_bytes * heads,
           "kv_pool_bytes_per_device": plan.bytes_per_device(engine.cache),
           "param_bytes_per_device": plan.bytes_per_device(engine.params)}

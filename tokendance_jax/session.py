@@ -228,8 +228,8 @@ class RoundSession:
                  masters=len(self.masters.masters), master_pages=self.masters.num_pages,
                  preemptions=self.engine.num_preemptions)
     if self.engine.mesh_plan is not None:
-      stats.update(device_stats(self.engine, fp.pages_in_use, self.page_bytes,
-                                self.masters.num_pages))
+      stats.update(device_stats(self.engine, fp, self.page_bytes,
+                                list(self.masters.masters.values())))
     n = len(agents)
     result = RoundResult(
         round=self.round_index, prefill_seconds=prefill_seconds, round_seconds=round_seconds,
@@ -257,7 +257,13 @@ class RoundSession:
     needs = [self.strategy.page_needs(rnd.prompts, self.ctx, evictable, d)
              for d in range(a.shards)]
     room = [a.free_in(d) + sum(a.shard_of(p) == d for p in evictable) for d in range(a.shards)]
-    return admission.place_waves(needs, room, [p.agent_id for p in rnd.prompts])
+    reads = present = None
+    if self.strategy.reuses_masters and a.shards > 1:  # replicas a shard's agents need there
+      reg = self.masters.masters
+      reads = [{s.key: reg[s.key].num_blocks for s in p.segments if s.shared and s.key in reg}
+               for p in rnd.prompts]
+      present = self.ctx.master_shards()
+    return admission.place_waves(needs, room, [p.agent_id for p in rnd.prompts], reads, present)
 
   def _run_wave(self, prompts, shards: list[int], stats: dict, start: float):
     """Lay out (each agent on its pool shard), prefill, decode and hand over one wave of
