@@ -15,7 +15,7 @@ logical axis to a mesh axis or to None (replicated):
   the pool. An agent's pages all sit on one shard and its tokens in that
   shard's slice of the batch (`batch.build_batch(shards=)`), so the paged
   write and attention run per device under `shard_map` on local page ids, and
-  a master has one replica per shard. Mapping `pages` to None
+  a master has a replica on each shard whose agents read it. Mapping `pages` to None
   (`REPLICATED_POOL_RULES`) keeps the whole pool on every `data` shard.
 - a round batch: the flat token axis over `data` (on a replicated pool only
   when its bucketed length divides; small decode batches then run
