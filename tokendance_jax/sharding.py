@@ -59,8 +59,15 @@ DEFAULT_RULES = (
     ("pages", "data"),
     ("tokens", "data"),
 )
-# every `data` shard holds the whole pool (the layout before sharded pools)
-REPLICATED_POOL_RULES = tuple((lg, None if lg == "pages" else ax) for lg, ax in DEFAULT_RULES)
+
+
+def _pool_replicated(rules):
+  """`rules` with the page axis replicated: every `data` shard holds the whole pool."""
+  return tuple((lg, None if lg == "pages" else ax) for lg, ax in rules)
+
+
+# the layout before sharded pools
+REPLICATED_POOL_RULES = _pool_replicated(DEFAULT_RULES)
 
 # param name -> logical axes of its dims (flattened heads * head_dim dims count heads)
 PARAM_AXES = {
@@ -161,8 +168,7 @@ class MeshPlan:
   def with_replicated_pool(self) -> MeshPlan:
     """This plan with the whole pool on every `data` shard (e.g. a scratch cache whose page
     ids do not follow the shards)."""
-    rules = tuple((lg, None if lg == "pages" else ax) for lg, ax in self.rules)
-    return dataclasses.replace(self, rules=rules)
+    return dataclasses.replace(self, rules=_pool_replicated(self.rules))
 
   def mesh_axis(self, logical: str | None) -> str | None:
     return None if logical is None else dict(self.rules).get(logical)
