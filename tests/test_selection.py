@@ -71,17 +71,53 @@ def test_epic_selects_the_first_k_tokens_of_each_shared_segment():
 def test_budget_and_the_admission_bound():
   assert selection.budget(10, 0.05) == 0 and selection.budget(30, 0.05) == 2
   prompt = AgentPrompt("a", [Segment(tuple(range(8))), Segment(tuple(range(40)), shared=True)])
-  # 10% of 40 shared tokens: at most 4 selected tokens, so at most 4 of the 5 blocks fork
-  assert selection.max_forked_blocks(prompt, ReusePolicy(recompute=0.1), 8) == 4
+  # token selection: 10% of 40 shared tokens is 4 tokens, so at most 4 of the 5 blocks fork
+  token = ReusePolicy(select="cacheblend", recompute=0.1)
+  assert selection.max_forked_blocks(prompt, token, 8) == 4
+  # block selection: every block holds 8 >= 4 tokens, so the first one taken covers the budget
+  assert selection.max_forked_blocks(prompt, ReusePolicy(recompute=0.1), 8) == 1
   assert selection.max_forked_blocks(prompt, ReusePolicy(recompute=1.0), 8) == 5
+  assert selection.max_forked_blocks(prompt, ReusePolicy(recompute=0.0), 8) == 0
   assert selection.max_forked_blocks(prompt, ReusePolicy(select="epic", epic_k=3), 8) == 1
-  # block selection takes whole pages: 10% of 400 shared tokens is 40 tokens, 5 full pages,
-  # plus the segments' short last pages and the exact head's page
-  long = AgentPrompt("b", [Segment(tuple(range(400)), shared=True), Segment((1, 2, 3), shared=True),
-                           Segment((9,))])
-  assert selection.max_forked_blocks(long, ReusePolicy(recompute=0.1), 8) == 5 + 2 + 2
-  assert selection.max_forked_blocks(long, ReusePolicy(select="cacheblend", recompute=0.1), 8) \
-      == 40
+  # blocks of 3 | 5 | 8 8 4 | 8 1 tokens (37): 25% is 9 tokens; the smallest blocks 1+3+4 = 8
+  # stay under it, so an order taking those first takes a fourth block before it stops
+  odd = AgentPrompt("b", [Segment(tuple(range(3)), shared=True), Segment((7,) * 5, shared=True),
+                          Segment((9,)), Segment(tuple(range(20)), shared=True),
+                          Segment(tuple(range(9)), shared=True)])
+  assert selection.max_forked_blocks(odd, ReusePolicy(recompute=0.25), 8) == 4
+  assert selection.max_forked_blocks(odd, ReusePolicy(select="cacheblend", recompute=0.25),
+                                     8) == 7
+
+
+def test_block_selection_never_forks_more_blocks_than_the_admission_bound():
+  """The bound against the device selection itself, under every kind of ranking: the smallest
+  blocks ranked first (the worst case, which must reach the bound), the largest first, and
+  random deviations."""
+  from tokendance_jax import collector
+
+  ps = 8
+  lens = [3, 5, 20, 9, 13, 1]
+  prompt = AgentPrompt("a", [Segment(tuple(range(n)), shared=True) for n in lens])
+  block_of = np.concatenate([np.arange(n) // ps + sum(-(-m // ps) for m in lens[:i])
+                             for i, n in enumerate(lens)])
+  sizes = np.bincount(block_of)
+  t = len(block_of)
+  rng = np.random.default_rng(0)
+  for recompute in (0.05, 0.1, 0.25, 0.5, 0.9):
+    bound = selection.max_forked_blocks(prompt, ReusePolicy(recompute=recompute), ps)
+    budget = np.array([selection.budget(t, recompute)], np.int32)
+    rankings = {"small first": 1.0 / sizes[block_of], "large first": sizes[block_of] * 1.0}
+    rankings.update({f"random {k}": rng.random(t) for k in range(20)})
+    taken = {}
+    for name, dev in rankings.items():
+      dev = (dev / sizes[block_of]).astype(np.float32)  # a block's score: its tokens' sum
+      mask = np.asarray(collector.select_tokens(
+          dev, np.ones(t, np.float32), np.zeros(t, np.int32), block_of.astype(np.int32),
+          np.ones(t, bool), budget, np.float32(-1.0), num_agents=1, by_block=True))
+      assert mask.sum() >= budget[0], (recompute, name)  # the budget is covered
+      taken[name] = len(np.unique(block_of[mask]))
+      assert taken[name] <= bound, (recompute, name, taken[name], bound)
+    assert taken["small first"] == bound, (recompute, taken)  # the bound is tight
 
 
 def test_every_method_name_has_a_strategy():
@@ -104,14 +140,15 @@ class _Ctx:
 def test_a_mirror_needs_no_pages_for_its_shared_blocks_only_its_forks():
   prompt = AgentPrompt("a", [Segment(tuple(range(16)), shared=True), Segment(tuple(range(5)))],
                        max_tokens=9)
-  policy = ReusePolicy(recompute=0.25)  # 4 of 16 shared tokens: at most 2 shared blocks fork
+  # 4 of 16 shared tokens: one block of 8 covers them, so at most 1 shared block forks
+  policy = ReusePolicy(recompute=0.25)
   td, _ = methods.make_method("tokendance", policy)
   full, _ = methods.make_method("full", policy)
   cb, _ = methods.make_method("cacheblend", policy)
-  # output 2 pages + private 1 page (+ forks 2 for tokendance, + shared 2 for dense layouts)
-  assert td.page_needs([prompt], _Ctx(), set()) == [5]
-  assert full.page_needs([prompt], _Ctx(), set()) == [5]
-  assert cb.page_needs([prompt], _Ctx(), set()) == [5]
+  # output 2 pages + private 1 page (+ 1 fork for tokendance, + shared 2 for dense layouts)
+  assert td.page_needs([prompt], _Ctx()) == [4]
+  assert full.page_needs([prompt], _Ctx()) == [5]
+  assert cb.page_needs([prompt], _Ctx()) == [5]
   policy = ReusePolicy(recompute=0.0)  # no token selected: the mirror needs no fork
   td, _ = methods.make_method("tokendance", policy)
-  assert td.page_needs([prompt], _Ctx(), set()) == [3]
+  assert td.page_needs([prompt], _Ctx()) == [3]

@@ -79,14 +79,23 @@ def copy_on_write_plan(table: BlockTable, selected: np.ndarray,
 
 
 def max_forked_blocks(prompt: AgentPrompt, policy: ReusePolicy, page_size: int) -> int:
-  """An upper bound on the master blocks one agent's recompute can fork (each selected token
-  one block), for admission."""
+  """The most master blocks one agent's recompute can fork, for admission.
+
+  Token selection forks at most one block per selected token. Block selection
+  (`collector.select_tokens(by_block=True)`) takes whole blocks in some order
+  until the budget is covered, so it stops after the first block that brings
+  the total to the budget: whatever the order, it takes at most k + 1 blocks,
+  where k is how many of the smallest blocks (a segment starts on a fresh page,
+  so its last page may be short) hold fewer tokens than the budget together.
+  """
   shared = [s for s in prompt.segments if s.shared]
-  blocks = sum(pages_needed(len(s), page_size) for s in shared)
   if policy.select == "epic":
     return sum(pages_needed(min(policy.epic_k, len(s)), page_size) for s in shared)
-  n = budget(sum(len(s) for s in shared), policy.recompute)
-  if policy.select == "block" and n:  # whole blocks until the budget is covered: only a segment's
-    # last page and the page the exact head ends in hold fewer tokens than a full page
-    return min(blocks, pages_needed(n, page_size) + len(shared) + 2)
-  return min(blocks, n)
+  sizes = sorted(min(page_size, len(s) - j) for s in shared for j in range(0, len(s), page_size))
+  n = budget(sum(sizes), policy.recompute)
+  if policy.select != "block":
+    return min(len(sizes), n)
+  if n == 0:
+    return 0
+  below = int(np.searchsorted(np.cumsum(sizes), n, side="left"))  # smallest blocks summing < n
+  return min(len(sizes), below + 1)
