@@ -391,6 +391,38 @@ def test_a_round_bigger_than_the_pool_runs_in_waves(params, method):
   assert sess.allocator.num_used == 0
 
 
+@pytest.mark.parametrize("method,sizes", [("prefix", range(16, 28, 2)),
+                                          ("tokendance", range(22, 34, 2))])
+def test_admission_never_overcommits_a_tight_pool(params, method, sizes):
+  """From a pool that holds about one agent to one that holds two or three: every round is
+  either refused up front (an agent that cannot fit alone) or runs in waves to the outputs of
+  a roomy pool. A wave never runs out of pages midway, which it does when admission counts a
+  cached page as room that an agent of the wave pins (prefix), or bounds an agent's forks too
+  low (tokendance). One pool of 64 pages (one compile), of which all but n are held aside."""
+  from tokendance_jax.paging import OutOfPages
+
+  policy = ReusePolicy(recompute=0.3)
+  _, roomy = run(params, method, policy, quality=False)
+  for n in sizes:
+    sess = RoundSession(params, CFG, method=method, policy=policy, quality=False,
+                        cache_cfg=CacheConfig(num_pages=64, page_size=8))
+    aside = sess.allocator.alloc(sess.allocator.num_free - n)
+    wl, prev = Workload(), None
+    try:
+      for r in range(3):
+        try:
+          res = sess.run_round(wl.round(r, prev))
+        except OutOfPages as e:
+          assert "alone needs" in str(e), f"{n} pages, round {r}: {e}"
+          break
+        assert res.outputs == roomy[r].outputs, f"{n} pages, round {r}"
+        prev = res.outputs
+    finally:
+      sess.close()
+    sess.allocator.free(aside)
+    assert sess.allocator.num_used == 0, n
+
+
 def test_an_agent_too_big_for_the_pool_alone_is_named(params):
   from tokendance_jax.paging import OutOfPages
 

@@ -12,8 +12,8 @@ segment gets, how the wave is prefilled, and what outlives the round:
 - `tokendance`: the master's own pages (a mirror); one collective check and
   recompute with copy-on-write of the touched blocks; masters stay.
 
-`RoundSession` calls the hooks in round order: `page_needs` (admission),
-`layout_hits` and `segment_pages` (layout), `prefill`, `hand_over`.
+`RoundSession` calls the hooks in round order: `page_needs` and `cached_hits`
+(admission), `layout_hits` and `segment_pages` (layout), `prefill`, `hand_over`.
 """
 
 from __future__ import annotations
@@ -40,15 +40,20 @@ class Method:
   def __init__(self, policy: ReusePolicy):
     self.policy = policy
 
-  def page_needs(self, prompts, ctx, evictable: set[int], shard: int = 0) -> list[int]:
-    """An upper bound on the pages each prompt takes from pool shard `shard`, for
-    admission; `evictable` pages may be reclaimed to make room."""
+  def page_needs(self, prompts, ctx, shard: int = 0) -> list[int]:
+    """An upper bound on the fresh pages each prompt takes from pool shard `shard`, for
+    admission (cached pages its layout reuses are `cached_hits`, not counted here)."""
     ps = ctx.page_size
     return [pages_needed(p.max_tokens, ps) + sum(self.segment_need(s, ps) for s in p.segments)
             for p in prompts]
 
   def segment_need(self, seg: Segment, page_size: int) -> int:
     return pages_needed(len(seg), page_size)
+
+  def cached_hits(self, prompts, ctx, shard: int = 0) -> set[int]:
+    """The cached pages on `shard` the prompts' layouts will reference (`layout_hits`), for
+    admission: a wave that holds any of these prompts cannot reclaim them."""
+    return set()
 
   def layout_hits(self, prompt, ctx, shard: int = 0) -> list[int]:
     """Pages on `shard` of the prompt's leading blocks that are already computed (one
@@ -80,15 +85,19 @@ class Prefix(Method):
 
   name = "prefix"
 
-  def page_needs(self, prompts, ctx, evictable: set[int], shard: int = 0) -> list[int]:
-    needs, claimed = [], set()
+  def page_needs(self, prompts, ctx, shard: int = 0) -> list[int]:
+    return [pages_needed(p.max_tokens, ctx.page_size) + len(blocks) - len(hits)
+            for p, blocks, hits in self._peek(prompts, ctx, shard)]
+
+  def cached_hits(self, prompts, ctx, shard: int = 0) -> set[int]:
+    return {page for _, _, hits in self._peek(prompts, ctx, shard) for page in hits}
+
+  @staticmethod
+  def _peek(prompts, ctx, shard: int):
+    """(prompt, its blocks, the pages of the leading blocks its layout will hit) per prompt."""
     for p in prompts:
       blocks = block_tokens(p, ctx.page_size)
-      hits = ctx.prefix.peek(blocks, shard)[:len(blocks) - 1]
-      needs.append(pages_needed(p.max_tokens, ctx.page_size) + len(blocks) - len(hits)
-                   + len(evictable.intersection(hits) - claimed))
-      claimed.update(hits)
-    return needs
+      yield p, blocks, ctx.prefix.peek(blocks, shard)[:len(blocks) - 1]
 
   def layout_hits(self, prompt, ctx, shard: int = 0) -> list[int]:
     blocks = block_tokens(prompt, ctx.page_size)
@@ -151,11 +160,11 @@ class TokenDance(_Reuse):
 
   name = "tokendance"
 
-  def page_needs(self, prompts, ctx, evictable: set[int], shard: int = 0) -> list[int]:
+  def page_needs(self, prompts, ctx, shard: int = 0) -> list[int]:
     ps = ctx.page_size
     return [need + min(sum(pages_needed(len(s), ps) for s in p.segments if s.shared),
                        selection.max_forked_blocks(p, self.policy, ps))
-            for p, need in zip(prompts, super().page_needs(prompts, ctx, evictable, shard),
+            for p, need in zip(prompts, super().page_needs(prompts, ctx, shard),
                                strict=True)]
 
   def segment_need(self, seg: Segment, page_size: int) -> int:

@@ -254,9 +254,11 @@ class RoundSession:
     if self.keep_masters:
       evictable.update(p for m in self.masters.masters.values()
                        if all(a.refcount(q) == 1 for q in m.pages) for p in m.pages)
-    needs = [self.strategy.page_needs(rnd.prompts, self.ctx, evictable, d)
-             for d in range(a.shards)]
-    room = [a.free_in(d) + sum(a.shard_of(p) == d for p in evictable) for d in range(a.shards)]
+    needs = [self.strategy.page_needs(rnd.prompts, self.ctx, d) for d in range(a.shards)]
+    # a cached page some agent reuses is not room: every wave holding such an agent pins it
+    room = [a.free_in(d) + sum(a.shard_of(p) == d for p in
+                               evictable - self.strategy.cached_hits(rnd.prompts, self.ctx, d))
+            for d in range(a.shards)]
     reads = present = None
     if self.strategy.reuses_masters and a.shards > 1:  # replicas a shard's agents need there
       reg = self.masters.masters
