@@ -8,6 +8,7 @@ runs the check and applies these plans is `collect`.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Mapping
 
 import numpy as np
@@ -81,21 +82,24 @@ def copy_on_write_plan(table: BlockTable, selected: np.ndarray,
 def max_forked_blocks(prompt: AgentPrompt, policy: ReusePolicy, page_size: int) -> int:
   """The most master blocks one agent's recompute can fork, for admission.
 
-  Token selection forks at most one block per selected token. Block selection
-  (`collector.select_tokens(by_block=True)`) takes whole blocks in some order
-  until the budget is covered, so it stops after the first block that brings
-  the total to the budget: whatever the order, it takes at most k + 1 blocks,
-  where k is how many of the smallest blocks (a segment starts on a fresh page,
-  so its last page may be short) hold fewer tokens than the budget together.
+  A selected token forks every block of the table on its page, and a segment
+  that occurs c times in the prompt (the same master) has c blocks on each of
+  its pages. Token selection selects at most `budget` tokens. Block selection
+  (`collector.select_tokens(by_block=True)`) ranks pages and takes them in some
+  order until the budget is covered, so every page but the last it takes holds
+  fewer tokens than the budget together: at most k blocks, where k is how many
+  of the smallest blocks stay under the budget (a segment starts on a fresh
+  page, so its last page may be short), and the last page forks at most c.
   """
   shared = [s for s in prompt.segments if s.shared]
   if policy.select == "epic":
     return sum(pages_needed(min(policy.epic_k, len(s)), page_size) for s in shared)
   sizes = sorted(min(page_size, len(s) - j) for s in shared for j in range(0, len(s), page_size))
   n = budget(sum(sizes), policy.recompute)
-  if policy.select != "block":
-    return min(len(sizes), n)
   if n == 0:
     return 0
+  copies = max(collections.Counter(s.key for s in shared).values())
+  if policy.select != "block":
+    return min(len(sizes), n * copies)
   below = int(np.searchsorted(np.cumsum(sizes), n, side="left"))  # smallest blocks summing < n
-  return min(len(sizes), below + 1)
+  return min(len(sizes), below + copies)
