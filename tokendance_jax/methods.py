@@ -161,9 +161,7 @@ class TokenDance(_Reuse):
   name = "tokendance"
 
   def page_needs(self, prompts, ctx, shard: int = 0) -> list[int]:
-    ps = ctx.page_size
-    return [need + min(sum(pages_needed(len(s), ps) for s in p.segments if s.shared),
-                       selection.max_forked_blocks(p, self.policy, ps))
+    return [need + selection.max_forked_blocks(p, self.policy, ctx.page_size)  # <= its blocks
             for p, need in zip(prompts, super().page_needs(prompts, ctx, shard),
                                strict=True)]
 
