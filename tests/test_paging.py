@@ -217,6 +217,22 @@ def test_place_waves_charges_a_masters_replica_once_per_shard():
   assert sorted(d for _, d in waves[1]) == [0] * 5 + [1] * 3
 
 
+def test_place_waves_charges_pinned_cached_pages_once_per_wave():
+  from tokendance_jax.admission import place_waves
+  # a cached page an agent's layout reuses cannot be reclaimed while its wave runs: the
+  # wave pays for it once (agents 0 and 2 share pins 1..3), and the next wave pays again
+  needs, pins = [[1, 5, 1, 6]], [[{1, 2, 3}, set(), {1, 2, 3}, set()]]
+  assert place_waves(needs, [9], pins=pins) == [[(0, 0), (1, 0)], [(2, 0)], [(3, 0)]]
+  # pins shared inside one wave are charged once: 3 pinned + 4 fresh pages
+  assert place_waves([[1, 1, 1, 1]], [7], pins=[[{1, 2, 3}] * 4]) == [[(i, 0) for i in range(4)]]
+  # pins count on their own shard: agent 1 would pin 4 pages on shard 1, so it joins agent
+  # 0 on shard 0 (balance alone would put it on the empty shard 1)
+  got = place_waves([[1, 1], [1, 1]], [6, 6], pins=[[set(), set()], [set(), {1, 2, 3, 4}]])
+  assert got == [[(0, 0), (1, 0)]]
+  with pytest.raises(OutOfPages, match="'a' alone needs up to 5 pages and 4 are free"):
+    place_waves([[2]], [4], names=["a"], pins=[[{7, 8, 9}]])
+
+
 def test_build_batch_puts_each_shards_chunks_in_its_slice():
   from tokendance_jax.batch import build_batch
   a = PageAllocator(16, shards=2)

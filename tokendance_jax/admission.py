@@ -32,7 +32,8 @@ def plan_waves(needs: list[int], available: int, names: list[str] | None = None)
 
 def place_waves(needs: list[list[int]], available: list[int], names: list[str] | None = None,
                 reads: list[dict[str, int]] | None = None,
-                present: list[set[str]] | None = None) -> list[list[tuple[int, int]]]:
+                present: list[set[str]] | None = None,
+                pins: list[list[set[int]]] | None = None) -> list[list[tuple[int, int]]]:
   """Agents 0..n-1 (in order) in waves of (agent, shard), each shard's summed needs in a
   wave within its `available` pages.
 
@@ -40,6 +41,9 @@ def place_waves(needs: list[list[int]], available: list[int], names: list[str] |
   reads[i]: {master key: pages} agent i reads; present[d]: the masters with a replica
   on shard d. An agent placed on a shard without a replica of a master it reads pays the
   replica's pages once for that shard; replicas outlive the wave.
+  pins[d][i]: the reclaimable cached pages on shard d that agent i's layout would reuse
+  there (counted in `available`). A wave cannot reclaim a page one of its agents holds, so
+  each wave pays for the pins of its agents once per page, and the next wave pays again.
   Raises OutOfPages naming the first agent that fits no shard alone.
   """
   if len(needs) != len(available):
@@ -49,13 +53,17 @@ def place_waves(needs: list[list[int]], available: list[int], names: list[str] |
   reads = reads or [{} for _ in range(n)]
   have = [set(p) for p in present] if present else [set() for _ in available]
   shards = range(len(available))
+  pins = pins or [[set()] * n for _ in available]
   fixed = [0] * len(available)  # replica pages made this round, held across its waves
 
-  def cost(i: int, d: int) -> int:
-    return needs[d][i] + sum(v for k, v in reads[i].items() if k not in have[d])
+  def replica(i: int, d: int) -> int:
+    return sum(v for k, v in reads[i].items() if k not in have[d])
+
+  def cost(i: int, d: int, pinned: set[int] = frozenset()) -> int:
+    return needs[d][i] + replica(i, d) + len(pins[d][i] - pinned)
 
   waves: list[list[tuple[int, int]]] = []
-  cur, used = [], [0] * len(available)
+  cur, used, held = [], [0] * len(available), [set() for _ in available]
   for i in range(n):
     if all(fixed[d] + cost(i, d) > available[d] for d in shards):
       d = max(shards, key=lambda d: available[d] - fixed[d] - cost(i, d))
@@ -66,17 +74,19 @@ def place_waves(needs: list[list[int]], available: list[int], names: list[str] |
                        f"{available[d] - fixed[d]} are free{where} after the round's masters "
                        "and cached pages; a bigger pool (--num-pages) or a shorter prompt is "
                        "needed", shard=d if len(available) > 1 else None)
-    fits = [d for d in shards if fixed[d] + used[d] + cost(i, d) <= available[d]]
+    fits = [d for d in shards if fixed[d] + used[d] + cost(i, d, held[d]) <= available[d]]
     if not fits:
       waves.append(cur)
-      cur, used = [], [0] * len(available)
+      cur, used, held = [], [0] * len(available), [set() for _ in available]
       fits = [d for d in shards if fixed[d] + cost(i, d) <= available[d]]
-    # the most room left after placing it (pages balance; a shard that needs no replica or
-    # holds a prefix hit costs less, so leaves more), then the lower cost
-    d = min(fits, key=lambda d: (fixed[d] + used[d] + cost(i, d) - available[d], cost(i, d), d))
-    replica = cost(i, d) - needs[d][i]
+    # the most room left after placing it (pages balance; a shard that needs no replica,
+    # holds a prefix hit or a page the wave already pins costs less, so leaves more), then
+    # the lower cost, then the fewer fresh pages (a cache hit saves compute)
+    d = min(fits, key=lambda d: (fixed[d] + used[d] + cost(i, d, held[d]) - available[d],
+                                 cost(i, d, held[d]), needs[d][i], d))
     cur.append((i, d))
-    used[d] += needs[d][i]
-    fixed[d] += replica
+    used[d] += needs[d][i] + len(pins[d][i] - held[d])
+    held[d] |= pins[d][i]
+    fixed[d] += replica(i, d)
     have[d].update(reads[i])
   return waves + [cur] if cur else waves

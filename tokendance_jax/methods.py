@@ -50,10 +50,10 @@ class Method:
   def segment_need(self, seg: Segment, page_size: int) -> int:
     return pages_needed(len(seg), page_size)
 
-  def cached_hits(self, prompts, ctx, shard: int = 0) -> set[int]:
-    """The cached pages on `shard` the prompts' layouts will reference (`layout_hits`), for
-    admission: a wave that holds any of these prompts cannot reclaim them."""
-    return set()
+  def cached_hits(self, prompts, ctx, shard: int = 0) -> list[set[int]]:
+    """The cached pages on `shard` each prompt's layout will reference (`layout_hits`), for
+    admission: a wave that holds the prompt cannot reclaim them."""
+    return [set() for _ in prompts]
 
   def layout_hits(self, prompt, ctx, shard: int = 0) -> list[int]:
     """Pages on `shard` of the prompt's leading blocks that are already computed (one
@@ -89,8 +89,8 @@ class Prefix(Method):
     return [pages_needed(p.max_tokens, ctx.page_size) + len(blocks) - len(hits)
             for p, blocks, hits in self._peek(prompts, ctx, shard)]
 
-  def cached_hits(self, prompts, ctx, shard: int = 0) -> set[int]:
-    return {page for _, _, hits in self._peek(prompts, ctx, shard) for page in hits}
+  def cached_hits(self, prompts, ctx, shard: int = 0) -> list[set[int]]:
+    return [set(hits) for _, _, hits in self._peek(prompts, ctx, shard)]
 
   @staticmethod
   def _peek(prompts, ctx, shard: int):

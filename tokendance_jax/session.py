@@ -255,9 +255,9 @@ class RoundSession:
       evictable.update(p for m in self.masters.masters.values()
                        if all(a.refcount(q) == 1 for q in m.pages) for p in m.pages)
     needs = [self.strategy.page_needs(rnd.prompts, self.ctx, d) for d in range(a.shards)]
-    # a cached page some agent reuses is not room: every wave holding such an agent pins it
-    room = [a.free_in(d) + sum(a.shard_of(p) == d for p in
-                               evictable - self.strategy.cached_hits(rnd.prompts, self.ctx, d))
+    room = [a.free_in(d) + sum(a.shard_of(p) == d for p in evictable) for d in range(a.shards)]
+    # a reclaimable page an agent's layout reuses is room only for the waves without it
+    pins = [[hits & evictable for hits in self.strategy.cached_hits(rnd.prompts, self.ctx, d)]
             for d in range(a.shards)]
     reads = present = None
     if self.strategy.reuses_masters and a.shards > 1:  # replicas a shard's agents need there
@@ -265,7 +265,8 @@ class RoundSession:
       reads = [{s.key: reg[s.key].num_blocks for s in p.segments if s.shared and s.key in reg}
                for p in rnd.prompts]
       present = self.ctx.master_shards()
-    return admission.place_waves(needs, room, [p.agent_id for p in rnd.prompts], reads, present)
+    return admission.place_waves(needs, room, [p.agent_id for p in rnd.prompts], reads, present,
+                                 pins)
 
   def _run_wave(self, prompts, shards: list[int], stats: dict, start: float):
     """Lay out (each agent on its pool shard), prefill, decode and hand over one wave of
