@@ -15,7 +15,7 @@ debate):
     python benchmarks/shard_capacity.py --json docs/results/shard_capacity.json \\
         --plot docs/results/shard_capacity.png
 
-Defaults: methods prefix,tokendance; data 1,2,4; N=16 agents, 2 rounds, 8 output tokens,
+Defaults: methods prefix,tokendance; data 1,2,4; N=24 agents, 2 rounds, 8 output tokens,
 160 pages of 16 tokens per device; tokendance with `RoundRunConfig`'s reuse policy.
 `--tiny` runs the random-weight TINY config with a stand-in tokenizer (the test's smoke run).
 The issue's targets: max agents on data=4 >= 3.5x one device, and tokendance's advantage
@@ -294,7 +294,7 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--methods", default="prefix,tokendance", help="comma-separated")
   p.add_argument("--data", default="1,2,4", help="data degrees, comma-separated (1: no mesh)")
-  p.add_argument("--agents", type=int, default=16, help="N; must exceed what data=4 holds")
+  p.add_argument("--agents", type=int, default=24, help="N; must exceed what data=4 holds")
   p.add_argument("--rounds", type=int, default=2)
   p.add_argument("--max-tokens", type=int, default=8)
   p.add_argument("--pages-per-device", type=int, default=160)
