@@ -112,6 +112,27 @@ def test_preemption_with_cached_blocks_keeps_outputs(params, system):
   assert eng.allocator.num_used == 0
 
 
+def test_caching_a_long_generation_hashes_each_block_once(params, monkeypatch):
+  """Each step that completes a block offers only that block to the cache, chained from the
+  key of the block before it: 6 blocks cost 6 hashes (plus the 2 admission peeks of the
+  prompt's one servable block), not 1 + 2 + ... + 6. The chain is the one a new request's
+  lookup walks: its first 3 blocks hit."""
+  from tokendance_jax import prefix_cache
+
+  calls = []
+  real = prefix_cache.chain_key
+  monkeypatch.setattr(prefix_cache, "chain_key", lambda *a: calls.append(1) or real(*a))
+  sp = SamplingParams(max_tokens=40, ignore_eos=True)
+  eng = Engine(params, TINY, cache_cfg=CacheConfig(num_pages=64, page_size=8),
+               prefix_caching=True)
+  prompt = _tail(30, 9)
+  out = eng.generate([prompt], sp)[0].output_ids
+  assert eng.prefix.num_pages == 6  # 48 computed tokens: the 49th is sampled, not computed
+  assert len(calls) == 6 + 2
+  _, cached = _run(eng, [prompt + out[:16]])
+  assert cached == [24]
+
+
 def test_replace_pages_frees_the_old_pages():
   alloc = PageAllocator(8)
   t = BlockTable(4)

@@ -43,7 +43,7 @@ from tokendance_jax import collector, model, sampling, sharding
 from tokendance_jax.batch import bucket, build_batch  # noqa: F401 - bucket re-exported
 from tokendance_jax.config import AttentionConfig, CacheConfig, ModelConfig
 from tokendance_jax.paging import BlockTable, OutOfPages, PageAllocator, pages_needed
-from tokendance_jax.prefix_cache import PrefixCache
+from tokendance_jax.prefix_cache import PrefixCache, servable
 from tokendance_jax.progress import bar as progress_bar
 from tokendance_jax.sampling import SamplingParams
 from tokendance_jax.sequence import CacheLost, GenerationResult, Sequence
@@ -260,9 +260,9 @@ class Engine:
     return max(range(a.shards), key=rank)
 
   def _prompt_blocks(self, seq: Sequence) -> list[tuple[int, ...]]:
-    """seq's full prompt blocks before its last token (those prefix caching may serve)."""
+    """seq's prompt blocks that prefix caching may serve (`prefix_cache.servable`)."""
     ps = self.cache_cfg.page_size
-    return [tuple(seq.prompt[i:i + ps]) for i in range(0, (len(seq.prompt) - 1) // ps * ps, ps)]
+    return servable([tuple(seq.prompt[i:i + ps]) for i in range(0, len(seq.prompt), ps)])
 
   def _match_prefix(self, seq: Sequence) -> None:
     """Serve seq's leading full blocks from the prefix cache where it holds them.
@@ -284,15 +284,19 @@ class Engine:
       seq.table.append_segment(new, len(new) * ps)
     seq.cached_blocks = len(hits)
     seq.cached_tokens = seq.num_computed = len(hits) * ps
-    seq.inserted_blocks = max(seq.inserted_blocks, len(hits))
+    if len(hits) > seq.inserted_blocks:  # the chain's key at the new end is not kept
+      seq.inserted_blocks, seq.chain_key = len(hits), None
 
   def _cache_blocks(self, seq: Sequence) -> None:
-    """Offer seq's newly completed full blocks to the prefix cache."""
+    """Offer seq's newly completed full blocks to the prefix cache, chained from the last
+    block it offered (each block is hashed once, not once per later block)."""
     ps = self.cache_cfg.page_size
     full = seq.num_computed // ps
     if full > seq.inserted_blocks and not seq.retain:
-      self.prefix.insert([tuple(seq.tokens[i * ps:(i + 1) * ps]) for i in range(full)],
-                         seq.table.pages[:full])
+      start = seq.inserted_blocks if seq.chain_key is not None else 0
+      seq.chain_key = self.prefix.insert(
+          [tuple(seq.tokens[i * ps:(i + 1) * ps]) for i in range(start, full)],
+          seq.table.pages[start:full], parent=seq.chain_key)
       seq.inserted_blocks = full
 
   def _pack_prefill(self, seqs: list[Sequence]) -> list[tuple[Sequence, int]]:
@@ -339,6 +343,7 @@ class Engine:
     else:
       seq.table.release(self.allocator)
       seq.num_computed = seq.cached_tokens = seq.cached_blocks = seq.inserted_blocks = 0
+      seq.chain_key = None
     self.running.remove(seq)
     self.waiting.appendleft(seq)
     self.num_preemptions += 1

@@ -26,6 +26,7 @@ import numpy as np
 from tokendance_jax import diffstore, selection
 from tokendance_jax.layout import AgentState, block_tokens
 from tokendance_jax.paging import pages_needed
+from tokendance_jax.prefix_cache import servable
 from tokendance_jax.rounds import METHODS, ReusePolicy, Segment
 
 __all__ = ["Full", "Method", "PerRequestPIC", "Prefix", "TokenDance", "make_method"]
@@ -97,15 +98,10 @@ class Prefix(Method):
     """(prompt, its blocks, the pages of the leading blocks its layout will hit) per prompt."""
     for p in prompts:
       blocks = block_tokens(p, ctx.page_size)
-      yield p, blocks, ctx.prefix.peek(blocks, shard)[:len(blocks) - 1]
+      yield p, blocks, ctx.prefix.peek(servable(blocks), shard)
 
   def layout_hits(self, prompt, ctx, shard: int = 0) -> list[int]:
-    blocks = block_tokens(prompt, ctx.page_size)
-    hits = ctx.prefix.match(blocks, shard)
-    if len(hits) == len(blocks):  # keep the last block to compute: its logits start decoding
-      ctx.allocator.free(hits[-1:])
-      hits = hits[:-1]
-    return hits
+    return ctx.prefix.match(servable(block_tokens(prompt, ctx.page_size)), shard)
 
   def segment_pages(self, seg: Segment, hits: list[int], ctx, shard: int = 0) -> list[int]:
     n = pages_needed(len(seg), ctx.page_size)

@@ -25,6 +25,13 @@ def chain_key(parent: str, tokens) -> str:
   return h.hexdigest()
 
 
+def servable(blocks: list) -> list:
+  """The blocks of a prompt (split into blocks, its last one included, full or not) that
+  prefix caching may serve: all but the last, since the prompt's last token must be
+  computed (its logits sample the first output)."""
+  return blocks[:-1]
+
+
 def _root(shard: int) -> str:
   return "" if shard == 0 else f"shard {shard}"
 
@@ -65,12 +72,15 @@ class PrefixCache:
     counting hits or touching the LRU order (for admission estimates)."""
     return [page for _, page in self._hit_chain(blocks, shard)]
 
-  def insert(self, blocks: list[tuple[int, ...]], pages: list[int]) -> None:
-    """Cache each (block tokens, page) along the chain of the pages' shard; the cache takes
-    its own reference."""
+  def insert(self, blocks: list[tuple[int, ...]], pages: list[int],
+             parent: str | None = None) -> str | None:
+    """Cache each (block tokens, page) along the chain of the pages' shard, after the block
+    keyed `parent` (None: from the chain's root); the cache takes its own reference.
+    Returns the last block's key (None when `blocks` is empty), to continue the chain."""
     if not pages:
-      return
-    parent = _root(self.allocator.shard_of(pages[0]))
+      return parent
+    if parent is None:
+      parent = _root(self.allocator.shard_of(pages[0]))
     for tokens, page in zip(blocks, pages, strict=True):
       key = chain_key(parent, tokens)
       if key not in self.entries:
@@ -78,6 +88,7 @@ class PrefixCache:
         self.entries[key] = page
       self.entries.move_to_end(key)
       parent = key
+    return parent
 
   def evict(self, needed: int, shard: int | None = None) -> int:
     """Free up to `needed` pages (of `shard`, or any) that only the cache references, oldest

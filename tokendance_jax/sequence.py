@@ -28,6 +28,7 @@ class Sequence:
   cached_tokens: int = 0  # leading prompt tokens whose K/V came from the prefix cache
   cached_blocks: int = 0  # leading blocks taken from the prefix cache
   inserted_blocks: int = 0  # leading blocks already offered to the prefix cache
+  chain_key: str | None = None  # the prefix-cache key of block inserted_blocks - 1, if known
 
   @property
   def output(self) -> list[int]:
