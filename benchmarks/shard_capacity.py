@@ -239,6 +239,9 @@ def plot(result: dict, path: pathlib.Path) -> None:
 
   wl = result["workload"]
   fig, ax = plt.subplots(figsize=(6.5, 4.5))
+  top = {}  # per data degree, the most agents any method fits: its label goes above
+  for r in result["runs"]:
+    top[r["data"]] = max(top.get(r["data"], 0), r["max_agents"])
   for k, m in enumerate(wl["methods"]):
     runs = sorted((r for r in result["runs"] if r["method"] == m), key=lambda r: r["data"])
     xs, ys = [r["data"] for r in runs], [r["max_agents"] for r in runs]
@@ -248,7 +251,8 @@ def plot(result: dict, path: pathlib.Path) -> None:
       ax.plot(r["data"], r["max_agents"], "o", color=color,
               markerfacecolor="white" if r["capped"] else color)
       ax.annotate(("≥" if r["capped"] else "") + str(r["max_agents"]), (r["data"], r["max_agents"]),
-                  textcoords="offset points", xytext=(6, -10 if k else 4), color=color)
+                  textcoords="offset points", color=color,
+                  xytext=(6, 4 if r["max_agents"] == top[r["data"]] else -12))
     ax.plot(xs, [ys[0] * x / xs[0] for x in xs], ":", color=color, alpha=0.6,
             label=f"{m}, linear from {xs[0]} device")
   ax.axhline(wl["agents"], color="grey", lw=0.8, ls="--", label=f"N = {wl['agents']} agents run")
