@@ -82,7 +82,10 @@ class Collector:
     agent_ids = np.concatenate([np.full(len(a.tokens), i) for i, a in enumerate(agents)])
     blocks = np.concatenate([a.table.slots(0, len(a.tokens)) // ps for a in agents])
     _, blocks = np.unique(agent_ids * (1 << 20) + blocks, return_inverse=True)
-    candidate = np.concatenate(shared)
+    # the exact head's K/V is what a recompute would give: never a candidate, even when the
+    # budget (a fraction of all shared tokens) exceeds the tokens past it
+    candidate = np.concatenate([m & (np.arange(len(m)) >= a.exact_head)
+                                for a, m in zip(agents, shared, strict=True)])
     t = bucket(len(candidate), 16)
     pad = lambda x, v=0: np.pad(x, (0, t - len(x)), constant_values=v)  # noqa: E731
     budget = np.array([selection.budget(int(m.sum()), policy.recompute) for m in shared],
