@@ -111,6 +111,39 @@ def test_a_later_request_reads_masters_and_computes_less(params):
   assert eng.allocator.num_used == ir.masters.num_pages
 
 
+def test_a_shared_head_chunk_makes_the_system_prompt_exact(params):
+  """Chats start with the template's first marker, a 1-token chunk of its own (a control
+  cut). Shared as the prompt's head, its master is exact, and so are the system prompt's
+  masters made after it: every agent's exact head runs to the last shared chunk inside
+  the common prefix, none of it is recomputed even at recompute 1.0, and the outputs
+  equal a full prefill."""
+  prompts = [[2] + _prompt(i) for i in range(3)]
+  reqs = [Request(p, SP, cuts=(0, 1)) for p in prompts]
+  segs = segments(reqs, lambda k: False, CHUNKS)
+  common = 1 + len(SYSTEM)
+  heads = []
+  for s in segs:
+    assert s[0].shared and len(s[0]) == 1
+    pos = 0
+    for seg in s:
+      if not seg.shared or pos + len(seg) > common:
+        break
+      pos += len(seg)
+    heads.append(pos)
+  assert min(heads) > 1  # the head and at least one system chunk
+  eng = Engine(params, TINY, cache_cfg=CC)
+  ir = ImplicitRounds(eng, ReusePolicy(recompute=1.0), CHUNKS, private_tail=0)
+  adm = ir.prefill(reqs)
+  for a in adm:
+    assert a.agent.exact_head == heads[a.index]
+    assert a.agent.recompute.min() == heads[a.index]  # everything after it, nothing in it
+  got = _decode(eng, adm)
+  assert [got[i] for i in range(3)] == _full(params, prompts)
+  for a in adm:
+    ir.release(a.agent)
+  assert eng.allocator.num_used == ir.masters.num_pages
+
+
 def test_a_private_chunk_master_records_its_exact_context(params):
   eng = Engine(params, TINY, cache_cfg=CC)
   ir = ImplicitRounds(eng, ReusePolicy(), CHUNKS)

@@ -91,8 +91,11 @@ def segments(requests: list[Request], has_master, cfg: ChunkConfig,
     for i, (a, b) in enumerate(sp):
       tokens = tuple(r.ids[a:b])
       key = segment_key(tokens)
-      shared = (i < len(sp) - 1 and b <= len(r.ids) - private_tail and b - a >= cfg.min_len
-                and (has_master(key) or counts[key] > 1))
+      # a short chunk is not worth a page of its own, except the prompt's head (e.g. the
+      # template's first marker): shared, its master is exact, and so is every master
+      # after it made in that same context (the check and the selection skip them)
+      shared = (i < len(sp) - 1 and b <= len(r.ids) - private_tail
+                and (b - a >= cfg.min_len or a == 0) and (has_master(key) or counts[key] > 1))
       if not shared and segs and not segs[-1].shared and b - a < cfg.min_len:
         segs[-1] = Segment(segs[-1].tokens + tokens)  # a short private tail joins the run
       else:
