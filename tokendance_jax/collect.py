@@ -7,7 +7,8 @@ agents at once for tokendance, one at a time for per-request PIC):
    head, in a scratch cache, comparing fresh keys with the reused ones
    (`collector.check_deviation`);
 2. select: one batched selection per the policy (`collector.select_tokens`;
-   EPIC's fixed rule in `selection.epic_selection`);
+   EPIC's fixed rule in `selection.epic_selection`); the exact head is never a
+   candidate (a recompute would give the same K/V);
 3. copy-on-write (mirrors only): an agent's own page for each master block
    its selection touches (`selection.copy_on_write_plan`);
 4. recompute: the selected tokens and every private token, through

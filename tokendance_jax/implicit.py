@@ -7,7 +7,10 @@ requests waiting when the server runs a prefill step and treats them as one roun
 1. segments (`segments`): each prompt is cut into content-defined chunks
    (`chunking`), with forced cuts where message text meets the template's tokens. A
    chunk is shared when the registry holds a master of it or when it occurs twice or
-   more among the step's prompts; the others are private. Chunks ending in the last
+   more among the step's prompts; the others are private. Chunks shorter than
+   `min_len` stay private, except the prompt's head (a chat's first template
+   marker): shared, its master is exact, so the system prompt's masters after it
+   are too, and the check and the selection skip them. Chunks ending in the last
    `private_tail` tokens are always private: the tokens nearest the generation weigh
    most on it (the client benchmark's outputs diverged at 10% recompute without it).
    Marked prompts bring their own segments.
