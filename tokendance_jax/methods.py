@@ -12,7 +12,7 @@ segment gets, how the wave is prefilled, and what outlives the round:
 - `tokendance`: the master's own pages (a mirror); one collective check and
   recompute with copy-on-write of the touched blocks; masters stay.
 
-`RoundSession` calls the hooks in round order: `page_needs` and `cached_hits`
+`RoundSession` calls the hooks in round order: `admission` (from `page_needs`)
 (admission), `layout_hits` and `segment_pages` (layout), `prefill`, `hand_over`.
 """
 
@@ -43,7 +43,7 @@ class Method:
 
   def page_needs(self, prompts, ctx, shard: int = 0) -> list[int]:
     """An upper bound on the fresh pages each prompt takes from pool shard `shard`, for
-    admission (cached pages its layout reuses are `cached_hits`, not counted here)."""
+    admission (cached pages its layout reuses are not counted here; see `admission`)."""
     ps = ctx.page_size
     return [pages_needed(p.max_tokens, ps) + sum(self.segment_need(s, ps) for s in p.segments)
             for p in prompts]
@@ -51,10 +51,11 @@ class Method:
   def segment_need(self, seg: Segment, page_size: int) -> int:
     return pages_needed(len(seg), page_size)
 
-  def cached_hits(self, prompts, ctx, shard: int = 0) -> list[set[int]]:
-    """The cached pages on `shard` each prompt's layout will reference (`layout_hits`), for
-    admission: a wave that holds the prompt cannot reclaim them."""
-    return [set() for _ in prompts]
+  def admission(self, prompts, ctx, shard: int = 0) -> list[tuple[int, set[int]]]:
+    """Per prompt, for admission on pool shard `shard`: (`page_needs`, the cached pages its
+    layout will reference (`layout_hits`), which a wave holding the prompt cannot
+    reclaim)."""
+    return [(need, set()) for need in self.page_needs(prompts, ctx, shard)]
 
   def layout_hits(self, prompt, ctx, shard: int = 0) -> list[int]:
     """Pages on `shard` of the prompt's leading blocks that are already computed (one
@@ -87,18 +88,16 @@ class Prefix(Method):
   name = "prefix"
 
   def page_needs(self, prompts, ctx, shard: int = 0) -> list[int]:
-    return [pages_needed(p.max_tokens, ctx.page_size) + len(blocks) - len(hits)
-            for p, blocks, hits in self._peek(prompts, ctx, shard)]
+    return [need for need, _ in self.admission(prompts, ctx, shard)]
 
-  def cached_hits(self, prompts, ctx, shard: int = 0) -> list[set[int]]:
-    return [set(hits) for _, _, hits in self._peek(prompts, ctx, shard)]
-
-  @staticmethod
-  def _peek(prompts, ctx, shard: int):
-    """(prompt, its blocks, the pages of the leading blocks its layout will hit) per prompt."""
+  def admission(self, prompts, ctx, shard: int = 0) -> list[tuple[int, set[int]]]:
+    out = []  # one walk of each prompt's chain gives both
     for p in prompts:
       blocks = block_tokens(p, ctx.page_size)
-      yield p, blocks, ctx.prefix.peek(servable(blocks), shard)
+      hits = ctx.prefix.peek(servable(blocks), shard)
+      out.append((pages_needed(p.max_tokens, ctx.page_size) + len(blocks) - len(hits),
+                  set(hits)))
+    return out
 
   def layout_hits(self, prompt, ctx, shard: int = 0) -> list[int]:
     return ctx.prefix.match(servable(block_tokens(prompt, ctx.page_size)), shard)

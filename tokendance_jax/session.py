@@ -246,7 +246,7 @@ class RoundSession:
   def _plan_waves(self, rnd: Round) -> list[list[tuple[int, int]]]:
     """The round's agents in waves of (agent, pool shard) that fit the pool
     (`admission.place_waves`), from the method's upper bound on each agent's pages on each
-    shard (`Method.page_needs`)."""
+    shard and the cached pages it would pin (`Method.admission`)."""
     a, evictable = self.allocator, set()
     for cache in (self.prefix, self.engine.prefix):  # the engine's, when it is shared
       if cache is not None:
@@ -254,11 +254,11 @@ class RoundSession:
     if self.keep_masters:
       evictable.update(p for m in self.masters.masters.values()
                        if all(a.refcount(q) == 1 for q in m.pages) for p in m.pages)
-    needs = [self.strategy.page_needs(rnd.prompts, self.ctx, d) for d in range(a.shards)]
+    bounds = [self.strategy.admission(rnd.prompts, self.ctx, d) for d in range(a.shards)]
+    needs = [[need for need, _ in b] for b in bounds]
     room = [a.free_in(d) + sum(a.shard_of(p) == d for p in evictable) for d in range(a.shards)]
     # a reclaimable page an agent's layout reuses is room only for the waves without it
-    pins = [[hits & evictable for hits in self.strategy.cached_hits(rnd.prompts, self.ctx, d)]
-            for d in range(a.shards)]
+    pins = [[hits & evictable for _, hits in b] for b in bounds]
     reads = present = None
     if self.strategy.reuses_masters and a.shards > 1:  # replicas a shard's agents need there
       reg = self.masters.masters
