@@ -242,7 +242,7 @@ def make_app(loaded, mode: str, args):
   engine = Engine(params, cfg, cache_cfg=cache_cfg, attn=AttentionConfig.default_for_backend(),
                   max_batch=max(args.agents, 1))
   return serve.create_app(engine, tok, model_name=args.model_name, reuse=mode,
-                          gather_ms=args.gather_ms)
+                          gather_ms=args.gather_ms, **args.server)
 
 
 def run_one(loaded, mode: str, style: str, prompts_for, args, label: str = "") -> dict:
@@ -442,6 +442,9 @@ def parse_args(argv=None):
                       "from it, not run again")
   p.add_argument("--rerun", default="tokendance",
                  help="with --keep-from: the modes to run again (comma-separated)")
+  p.add_argument("--server", action="append", default=[], metavar="FIELD=VALUE",
+                 help="a ServerConfig field for every server, e.g. chat_recompute=0.6 "
+                      "(repeatable)")
   p.add_argument("--json", type=pathlib.Path, default=None)
   p.add_argument("--plot", type=pathlib.Path, default=None)
   args = p.parse_args(argv)
@@ -455,7 +458,31 @@ def parse_args(argv=None):
   args.modes = ["none", *[m for m in args.modes if m != "none"]]
   args.model_name = "tiny" if args.tiny else "SmolLM2-135M-Instruct"
   args.rerun = [m for m in args.rerun.split(",") if m]
+  args.server = server_overrides(p, args.server)
   return args
+
+
+def server_overrides(p, items: list[str]) -> dict:
+  """--server FIELD=VALUE pairs as ServerConfig overrides, each value of its field's type."""
+  from tokendance_jax.serve.config import ServerConfig
+
+  fields = {f.name: type(getattr(ServerConfig(), f.name))
+            for f in dataclasses.fields(ServerConfig)}
+  out = {}
+  for item in items:
+    name, sep, value = item.partition("=")
+    if not sep or name not in fields or fields[name] not in (int, float, str):
+      p.error(f"--server {item!r}: expected FIELD=VALUE with FIELD an int, float or str "
+              f"field of ServerConfig")
+    try:
+      out[name] = fields[name](value)
+    except ValueError:
+      p.error(f"--server {item!r}: {value!r} is not a {fields[name].__name__}")
+  try:
+    ServerConfig(**out)
+  except ValueError as e:
+    p.error(f"--server: {e}")
+  return out
 
 
 def _kept_runs(args) -> dict:

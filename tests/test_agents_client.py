@@ -184,3 +184,11 @@ def test_end_to_end_same_prompts_in_every_mode(result):
 def test_end_to_end_plot_written(result):
   _, out = result
   assert (out / "r.png").stat().st_size > 10_000
+
+
+def test_server_overrides_are_typed_and_checked(bench):
+  args = bench.parse_args(["--server", "chat_recompute=0.6", "--server", "chat_private_tail=32"])
+  assert args.server == {"chat_recompute": 0.6, "chat_private_tail": 32}
+  for bad in ("chat_recompute=abc", "no_such_field=1", "chat_recompute", "chat_recompute=7"):
+    with pytest.raises(SystemExit):
+      bench.parse_args(["--server", bad])
