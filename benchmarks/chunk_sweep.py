@@ -1,7 +1,7 @@
 """Content-defined chunk size against hit rate and page fragmentation (no model: host-side).
 
 For the prompts `benchmarks/agents_client.py` sends (N agents, round 2, both styles) this
-runs the server's own segmenting (`implicit.control_cuts`, `implicit.segments`) for each
+runs the server's own segmenting (`implicit.message_cuts`, `implicit.segments`) for each
 chunk size and measures what the collective step would see:
 
 - hit rate: the share of each prompt's tokens in shared chunks. The bound is the share of
@@ -81,7 +81,9 @@ def repeated_fraction(chats: list[list[dict]], tok) -> float:
 
 def measure(chats, tok, cfg: ChunkConfig, page_size: int) -> dict:
   ids = [tok.encode_parts(tok.chat_parts(m)) for m in chats]
-  reqs = [implicit.Request(x, SamplingParams(), cuts=implicit.control_cuts(x, tok)) for x in ids]
+  openers = implicit.message_openers(tok)
+  reqs = [implicit.Request(x, SamplingParams(), cuts=implicit.message_cuts(x, openers))
+          for x in ids]
   segs = implicit.segments(reqs, lambda key: False, cfg)
   prompt = sum(len(x) for x in ids)
   shared = sum(len(s) for ss in segs for s in ss if s.shared)

@@ -200,3 +200,16 @@ def test_a_custom_template_on_the_real_tokenizer(tok):
     llama.chat_parts([{"role": "tool", "content": "x"}])
   with pytest.raises(ValueError, match="empty"):
     llama.chat_parts([])
+
+
+@pytest.mark.real_model
+def test_message_openers_follow_the_template(tok):
+  """The chunk cuts of the collective step fall before the control id opening each message,
+  whatever the template: <|im_start|> in SmolLM2's ChatML, bos in the llama-2 layout, none
+  when the template opens messages with plain text."""
+  from tokendance_jax.implicit import message_openers
+
+  assert message_openers(tok) == {tok.im_start_id}
+  assert message_openers(tok.with_chat_template(LLAMA2)) == {tok.bos_id}
+  plain = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+  assert message_openers(tok.with_chat_template(plain)) == frozenset()

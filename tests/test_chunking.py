@@ -67,3 +67,15 @@ def test_edges():
     ChunkConfig(avg=32, min_len=2, max_len=64, window=4)
   with pytest.raises(ValueError, match="avg"):
     ChunkConfig(avg=1)
+
+
+def test_no_sliver_before_a_forced_cut():
+  """The piece before each forced cut joins the chunk before it when shorter than min_len,
+  so a message is never cut into a chunk plus a few-token remainder."""
+  ids = _ids(6, 4000)
+  cuts = list(range(0, 4000, 97))[1:]  # regions of 97 tokens
+  spans = chunk_spans(ids, CFG, cuts)
+  assert set(cuts) <= {b for _, b in spans}
+  assert all(b - a >= CFG.min_len for a, b in spans)
+  short = ChunkConfig(avg=32, min_len=16, max_len=24, window=4)  # merging would pass max_len
+  assert all(b - a <= short.max_len for a, b in chunk_spans(ids, short, cuts))

@@ -8,9 +8,10 @@ from tokendance_jax import model
 from tokendance_jax.chunking import ChunkConfig
 from tokendance_jax.config import TINY, CacheConfig
 from tokendance_jax.engine import Engine
-from tokendance_jax.implicit import ImplicitRounds, Request, segments
+from tokendance_jax.implicit import ImplicitRounds, Request, message_cuts, message_openers, segments
 from tokendance_jax.rounds import ReusePolicy, Segment, segment_key
 from tokendance_jax.sampling import SamplingParams
+from tokendance_jax.serve.testing import ByteTokenizer
 
 CHUNKS = ChunkConfig(avg=16, min_len=8, max_len=64, window=4)
 SP = SamplingParams(max_tokens=5, ignore_eos=True)
@@ -75,6 +76,37 @@ def test_the_last_tokens_before_the_generation_stay_private():
 
   assert min(shared_ends(0)) < 110  # without a tail, shared chunks reach near the end
   assert all(e >= 110 for e in shared_ends(110))
+
+
+def test_a_message_is_shared_whole_markers_included():
+  """Group-chat style: each agent's chat holds the other agents' answers as messages of
+  their own, at a different offset in every chat. Cut where each message begins, every
+  such message, its template markers included, lies in shared chunks: no private sliver
+  (a page of its own in every agent) is left between two shared messages."""
+  tok = ByteTokenizer()
+  assert message_openers(tok) == {1}  # <|im_start|>
+  answers = [f"agent {j} thinks the answer is {j * 37 % 11} because " + "x" * (30 + 7 * j)
+             for j in range(4)]
+
+  def chat(i):
+    return [{"role": "system", "content": "Debate the question in rounds."},
+            {"role": "user", "content": f"You are agent {i}."},
+            *({"role": "user", "content": a} for j, a in enumerate(answers) if j != i),
+            {"role": "user", "content": "Update your answer."}]
+
+  ids = [tok.encode_parts(tok.chat_parts(chat(i))) for i in range(4)]
+  reqs = [Request(x, SP, cuts=message_cuts(x, message_openers(tok))) for x in ids]
+  for r, segs in zip(reqs, segments(reqs, lambda k: False, CHUNKS), strict=True):
+    starts = [t for t, x in enumerate(r.ids) if x == 1] + [len(r.ids)]  # each message's
+    owner = [k for k, (a, b) in enumerate(zip(starts, starts[1:], strict=False))
+             for _ in range(a, b)]
+    pos, private = 0, set()
+    for s in segs:
+      if not s.shared:
+        private |= {owner[t] for t in range(pos, pos + len(s))}
+      pos += len(s)
+    # messages 0..1 are the agent's own (system, persona); 2..4 the others' answers
+    assert not private & {2, 3, 4}, private
 
 
 def test_recompute_everything_equals_full_prefill(params):

@@ -5,7 +5,7 @@ other agents' outputs sit somewhere inside it. `ImplicitRounds.prefill` takes th
 requests waiting when the server runs a prefill step and treats them as one round:
 
 1. segments (`segments`): each prompt is cut into content-defined chunks
-   (`chunking`), with forced cuts where message text meets the template's tokens. A
+   (`chunking`), with forced cuts where each message begins (`message_cuts`). A
    chunk is shared when the registry holds a master of it or when it occurs twice or
    more among the step's prompts; the others are private. Chunks shorter than
    `min_len` stay private, except the prompt's head (a chat's first template
@@ -40,7 +40,7 @@ from tokendance_jax.rounds import AgentPrompt, ReusePolicy, Round, Segment, segm
 from tokendance_jax.sampling import SamplingParams
 from tokendance_jax.session import RoundSession
 
-__all__ = ["Admitted", "ImplicitRounds", "Request", "control_cuts", "segments"]
+__all__ = ["Admitted", "ImplicitRounds", "Request", "message_cuts", "message_openers", "segments"]
 
 
 @dataclasses.dataclass
@@ -49,7 +49,7 @@ class Request:
 
   ids: list[int]
   params: SamplingParams
-  cuts: tuple[int, ...] = ()
+  cuts: tuple[int, ...] = ()  # forced chunk boundaries (`message_cuts`)
   segments: list[Segment] | None = None  # marked by the client: used as they are
 
 
@@ -68,11 +68,27 @@ class Admitted:
     return self.agent.num_prompt - self.computed_tokens
 
 
-def control_cuts(ids: list[int], tok) -> tuple[int, ...]:
-  """Offsets before and after each of `tok.special_ids` in ids: chunks never straddle a
-  template marker, so a message's text is chunked the same in every chat holding it."""
+def message_openers(tok) -> frozenset[int]:
+  """The control id that opens each message of `tok`'s chat template (empty if none does).
+
+  It is the first control id of a one-message chat that occurs once more in a two-message
+  chat: <|im_start|> in ChatML, <|start_header_id|> in Llama 3's template.
+  """
   special = set(getattr(tok, "special_ids", ()))
-  return tuple(sorted({c for i, t in enumerate(ids) if t in special for c in (i, i + 1)}))
+
+  def render(contents):
+    return tok.encode_parts(tok.chat_parts([{"role": "user", "content": c} for c in contents]))
+
+  one, two = render(["a"]), render(["a", "b"])
+  per_message = [t for t in one if t in special and two.count(t) == one.count(t) + 1]
+  return frozenset(per_message[:1])
+
+
+def message_cuts(ids: list[int], openers: frozenset[int]) -> tuple[int, ...]:
+  """Offsets where a message begins (before each of `openers`): a chunk never straddles two
+  messages, so a message, its template markers included, is chunked the same in every chat
+  holding it."""
+  return tuple(i for i, t in enumerate(ids) if t in openers)
 
 
 def segments(requests: list[Request], has_master, cfg: ChunkConfig,

@@ -67,7 +67,7 @@ def add_openai_routes(router: APIRouter, worker: Worker) -> None:
               else _chat_prompt(body, worker))
     job = None
     if reuse:
-      job = implicit.Request(prompt, None, cuts=implicit.control_cuts(prompt, worker.tok),
+      job = implicit.Request(prompt, None, cuts=implicit.message_cuts(prompt, worker.openers),
                              segments=segments)
     return await _generate(worker, body, prompt, chat=True, default_max=cfg.default_max_tokens,
                            job=job)

@@ -31,7 +31,7 @@ from typing import Any
 
 from tokendance_jax.config import CacheConfig
 from tokendance_jax.engine import CacheLost
-from tokendance_jax.implicit import ImplicitRounds, Request
+from tokendance_jax.implicit import ImplicitRounds, Request, message_openers
 from tokendance_jax.paging import OutOfPages
 from tokendance_jax.sampling import SamplingParams
 from tokendance_jax.serve.completion import Completion, find_stop, stable_prefix
@@ -60,6 +60,7 @@ class Worker:
 
   def __init__(self, engine, tokenizer, config: ServerConfig):
     self.engine, self.tok, self.config = engine, tokenizer, config
+    self.openers = message_openers(tokenizer)  # where a chat's messages begin (chunk cuts)
     self.metrics = Metrics()
     self.sessions: dict[str, RoundsSession] = {}
     self._jobs: collections.deque = collections.deque()
