@@ -84,7 +84,7 @@ def measure(chats, tok, cfg: ChunkConfig, page_size: int) -> dict:
   openers = implicit.message_openers(tok)
   reqs = [implicit.Request(x, SamplingParams(), cuts=implicit.message_cuts(x, openers))
           for x in ids]
-  segs = implicit.segments(reqs, lambda key: False, cfg)
+  segs = implicit.segments(reqs, implicit.no_masters, cfg)
   prompt = sum(len(x) for x in ids)
   shared = sum(len(s) for ss in segs for s in ss if s.shared)
   layout = sum(pages_needed(len(s), page_size) for ss in segs for s in ss)

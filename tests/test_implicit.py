@@ -8,7 +8,14 @@ from tokendance_jax import model
 from tokendance_jax.chunking import ChunkConfig
 from tokendance_jax.config import TINY, CacheConfig
 from tokendance_jax.engine import Engine
-from tokendance_jax.implicit import ImplicitRounds, Request, message_cuts, message_openers, segments
+from tokendance_jax.implicit import (
+  ImplicitRounds,
+  Request,
+  message_cuts,
+  message_openers,
+  no_masters,
+  segments,
+)
 from tokendance_jax.rounds import ReusePolicy, Segment, segment_key
 from tokendance_jax.sampling import SamplingParams
 from tokendance_jax.serve.testing import ByteTokenizer
@@ -48,17 +55,17 @@ def _full(params, prompts):
 
 def test_segments_share_chunks_seen_twice_and_keep_the_last_private():
   reqs = [Request(_prompt(i), SP) for i in range(3)]
-  segs = segments(reqs, lambda k: False, CHUNKS)
+  segs = segments(reqs, no_masters, CHUNKS)
   for r, s in zip(reqs, segs, strict=True):
     assert [t for seg in s for t in seg.tokens] == r.ids
     assert not s[-1].shared
   shared = {seg.key for s in segs for seg in s if seg.shared}
   keys = [{seg.key for seg in s} for s in segs]
   assert shared and all(sum(k in ks for ks in keys) >= 2 for k in shared)
-  alone = segments(reqs[:1], lambda k: False, CHUNKS)[0]
+  alone = segments(reqs[:1], no_masters, CHUNKS)[0]
   assert not any(s.shared for s in alone)  # nothing seen twice, no master
   marked = [Segment(tuple(SYSTEM), shared=True), Segment((5, 6, 7))]
-  assert segments([Request([], SP, segments=marked)], lambda k: False, CHUNKS) == [marked]
+  assert segments([Request([], SP, segments=marked)], no_masters, CHUNKS) == [marked]
 
 
 def test_the_last_tokens_before_the_generation_stay_private():
@@ -66,7 +73,7 @@ def test_the_last_tokens_before_the_generation_stay_private():
 
   def shared_ends(tail):
     out = []
-    for r, segs in zip(reqs, segments(reqs, lambda k: False, CHUNKS, tail), strict=True):
+    for r, segs in zip(reqs, segments(reqs, no_masters, CHUNKS, tail), strict=True):
       pos = 0
       for s in segs:
         pos += len(s)
@@ -96,7 +103,7 @@ def test_a_message_is_shared_whole_markers_included():
 
   ids = [tok.encode_parts(tok.chat_parts(chat(i))) for i in range(4)]
   reqs = [Request(x, SP, cuts=message_cuts(x, message_openers(tok))) for x in ids]
-  for r, segs in zip(reqs, segments(reqs, lambda k: False, CHUNKS), strict=True):
+  for r, segs in zip(reqs, segments(reqs, no_masters, CHUNKS), strict=True):
     starts = [t for t, x in enumerate(r.ids) if x == 1] + [len(r.ids)]  # each message's
     owner = [k for k, (a, b) in enumerate(zip(starts, starts[1:], strict=False))
              for _ in range(a, b)]
@@ -151,7 +158,7 @@ def test_a_shared_head_chunk_makes_the_system_prompt_exact(params):
   equal a full prefill."""
   prompts = [[2] + _prompt(i) for i in range(3)]
   reqs = [Request(p, SP, cuts=(0, 1)) for p in prompts]
-  segs = segments(reqs, lambda k: False, CHUNKS)
+  segs = segments(reqs, no_masters, CHUNKS)
   common = 1 + len(SYSTEM)
   heads = []
   for s in segs:
@@ -174,6 +181,27 @@ def test_a_shared_head_chunk_makes_the_system_prompt_exact(params):
   for a in adm:
     ir.release(a.agent)
   assert eng.allocator.num_used == ir.masters.num_pages
+
+
+def test_a_requests_own_chunk_serves_only_prompts_with_the_same_tokens_before_it(params):
+  """A request alone computes every chunk after its own tokens; those chunks become masters.
+  A later prompt holding the same chunks after other tokens (another agent's persona) must
+  not read them, since their K/V carries the first request's context: it computes them
+  and equals a full prefill. A prompt holding the same tokens before them reads them."""
+  body = _ids(50, 96)
+  first, other = _ids(51, 20) + body + _ids(52, 8), _ids(53, 20) + body + _ids(54, 8)
+  eng = Engine(params, TINY, cache_cfg=CC)
+  ir = ImplicitRounds(eng, ReusePolicy(recompute=0.1), CHUNKS, private_tail=0)
+  ran = []
+  for prompt in (first, other, first[:-8] + _ids(55, 8)):
+    adm = ir.prefill([Request(prompt, SP)])
+    ran.append((adm[0], _decode(eng, adm)[0]))
+    ir.release(adm[0].agent)
+  (_, _), (b, b_out), (c, _) = ran
+  assert {m.source for m in ir.masters.masters.values()} == {"request"}
+  assert b.chunk_hit_tokens == 0 and b.computed_tokens == len(other)
+  assert b_out == _full(params, [other])[0]
+  assert c.chunk_hit_tokens >= 80 and c.agent.exact_head == c.chunk_hit_tokens  # all exact
 
 
 def test_a_private_chunk_master_records_its_exact_context(params):

@@ -28,7 +28,9 @@ class Master:
   key: str
   tokens: tuple[int, ...]
   replicas: dict[int, list[int]]  # pool shard -> the master's pages there
-  source: str  # "context", "prefill" (standalone after the anchor) or "decode" (an output)
+  # "context", "prefill" (standalone after the anchor), "decode" (an output) or "request" (a
+  # chat's private chunk, served only after the same tokens: `implicit.ImplicitRounds`)
+  source: str
   # segment_key of the tokens this master was computed after (None: unknown, e.g. decode).
   # A reader whose prompt holds exactly these tokens before the segment gets its K/V exactly.
   context: str | None = None

@@ -6,11 +6,11 @@ requests waiting when the server runs a prefill step and treats them as one roun
 
 1. segments (`segments`): each prompt is cut into content-defined chunks
    (`chunking`), with forced cuts where each message begins (`message_cuts`). A
-   chunk is shared when the registry holds a master of it or when it occurs twice or
-   more among the step's prompts; the others are private. Chunks shorter than
-   `min_len` stay private, except the prompt's head (a chat's first template
-   marker): shared, its master is exact, so the system prompt's masters after it
-   are too, and the check and the selection skip them. Chunks ending in the last
+   chunk is shared when the registry holds a master of it that serves the prompt, or
+   when it has none and occurs twice or more among the step's prompts; the others are
+   private. Chunks shorter than `min_len` stay private, except the prompt's head
+   (the first message's start): shared, its master is exact, so the system prompt's
+   masters after it are too, and the check and the selection skip them. Chunks ending in the last
    `private_tail` tokens are always private: the tokens nearest the generation weigh
    most on it (the client benchmark's outputs diverged at 10% recompute without it).
    Marked prompts bring their own segments.
@@ -18,9 +18,11 @@ requests waiting when the server runs a prefill step and treats them as one roun
    masters for the shared chunks that have none, made once in context, then the KV
    Collector's check, selection, copy-on-write and recompute for every agent in one
    batch. Prompts that do not fit the pool wait for the next step.
-3. hand-over: each private chunk without a master becomes one. Its K/V was computed
-   in its own request's context; the registry shares its pages, so the next request
-   holding that chunk reads it. Each agent is adopted by the engine, which decodes it
+3. hand-over: each private chunk without a master whose K/V is exact (every token
+   before it is) becomes one; the registry shares its pages. Such a master was
+   computed after its request's own tokens, so it serves only a later prompt holding
+   those same tokens before it (e.g. the next request with the same system prompt);
+   another prompt computes the chunk itself. Each agent is adopted by the engine, which decodes it
    continuously batched with every other request.
 
 `release` drops an agent's table when its request ends. Masters stay until the pool
@@ -40,7 +42,8 @@ from tokendance_jax.rounds import AgentPrompt, ReusePolicy, Round, Segment, segm
 from tokendance_jax.sampling import SamplingParams
 from tokendance_jax.session import RoundSession
 
-__all__ = ["Admitted", "ImplicitRounds", "Request", "message_cuts", "message_openers", "segments"]
+__all__ = ["Admitted", "ImplicitRounds", "Request", "message_cuts", "message_openers",
+           "no_masters", "segments"]
 
 
 @dataclasses.dataclass
@@ -91,11 +94,21 @@ def message_cuts(ids: list[int], openers: frozenset[int]) -> tuple[int, ...]:
   return tuple(i for i, t in enumerate(ids) if t in openers)
 
 
-def segments(requests: list[Request], has_master, cfg: ChunkConfig,
+def no_masters(key: str, ids: list[int], start: int) -> None:
+  """`segments`' lookup for an empty registry."""
+  return None
+
+
+def segments(requests: list[Request], lookup, cfg: ChunkConfig,
              private_tail: int = 0) -> list[list[Segment]]:
-  """Each request's segments (stage 1; see the module docstring). Chunks that end in the
-  last `private_tail` tokens stay private: the tokens nearest the generation weigh most
-  on it, and computing them exactly is cheap."""
+  """Each request's segments (stage 1; see the module docstring).
+
+  `lookup(key, ids, start)` says what the registry holds for the chunk `key` at
+  `ids[start:]`: None, no master; True, a master that serves this prompt; False, a master
+  that must not (a request's own chunk, computed after tokens this prompt does not hold
+  before it): the chunk stays private here. Chunks that end in the last `private_tail`
+  tokens stay private: the tokens nearest the generation weigh most on it, and computing
+  them exactly is cheap."""
   spans = [None if r.segments is not None else chunk_spans(r.ids, cfg, r.cuts)
            for r in requests]
   counts = collections.Counter(segment_key(r.ids[a:b]) for r, sp in zip(requests, spans,
@@ -114,7 +127,10 @@ def segments(requests: list[Request], has_master, cfg: ChunkConfig,
       # template's first marker): shared, its master is exact, and so is every master
       # after it made in that same context (the check and the selection skip them)
       shared = (i < len(sp) - 1 and b <= len(r.ids) - private_tail
-                and (b - a >= cfg.min_len or a == 0) and (has_master(key) or counts[key] > 1))
+                and (b - a >= cfg.min_len or a == 0))
+      if shared:
+        serves = lookup(key, r.ids, a)
+        shared = serves if serves is not None else counts[key] > 1
       if not shared and segs and not segs[-1].shared and b - a < cfg.min_len:
         segs[-1] = Segment(segs[-1].tokens + tokens)  # a short private tail joins the run
       else:
@@ -145,7 +161,7 @@ class ImplicitRounds:
     admitted), OutOfPages when the first prompt cannot fit even alone."""
     registry = self.rs.masters
     known = set(registry.masters)
-    segs = segments(requests, known.__contains__, self.chunks, self.private_tail)
+    segs = segments(requests, self._lookup, self.chunks, self.private_tail)
     rnd = Round([AgentPrompt(f"r{i}", s, max_tokens=r.params.max_tokens)
                  for i, (r, s) in enumerate(zip(requests, segs, strict=True))])
     wave, agents, first, stats = self.rs.prefill_wave(rnd, [r.params for r in requests])
@@ -177,20 +193,31 @@ class ImplicitRounds:
       made[0] += total - counted
     return made
 
+  def _lookup(self, key: str, ids: list[int], start: int) -> bool | None:
+    """`segments`' view of the registry: a request's own chunk serves only a prompt holding
+    exactly the tokens it was computed after; every other master serves any prompt."""
+    m = self.rs.masters.masters.get(key)
+    if m is None:
+      return None
+    return m.source != "request" or m.context == segment_key(ids[:start])
+
   def _register_private(self, a: AgentState) -> None:
     """Private chunks of `a` become masters (their K/V is computed, in a's own context).
 
-    `Master.context` names the tokens before the chunk only while every token before
-    it holds exactly what a full prefill computes (a private run or the exact head).
+    Only while every token before the chunk holds exactly what a full prefill computes (a
+    private run or the exact head): `Master.context` then names those tokens, and the
+    master serves only prompts holding them (`_lookup`): served to other prompts it would
+    carry a's own tokens (its persona, say) into theirs.
     """
     registry, alloc, ps = self.rs.masters, self.engine.allocator, self.engine.cache_cfg.page_size
     for p0, b0, seg in a.seg_spans:
       if seg.shared or len(seg) < self.chunks.min_len or seg.key in registry:
         continue
       pages = a.table.pages[b0:b0 + pages_needed(len(seg), ps)]
-      alloc.share(pages)  # the registry's reference
       exact = all(not s.shared or q + len(s) <= a.exact_head
-                                     for q, _, s in a.seg_spans if q < p0)
-      registry.add(seg.key, seg.tokens, pages,
-                   source="context",
-                   context=segment_key(a.tokens[:p0]) if exact else None)
+                  for q, _, s in a.seg_spans if q < p0)
+      if not exact:
+        continue
+      alloc.share(pages)  # the registry's reference
+      registry.add(seg.key, seg.tokens, pages, source="request",
+                   context=segment_key(a.tokens[:p0]))
