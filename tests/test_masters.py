@@ -110,6 +110,26 @@ def test_read_only_segments_after_the_last_new_one_are_dropped():
   assert context_plan(rnd, lambda k: True, max_len=1000) == []
 
 
+def test_a_mastered_segment_only_one_prompt_holds_is_no_context_for_the_others():
+  """Agent i's own persona, read exactly from a master made in an earlier round, is shared
+  in agent i's prompt only. The answers' masters, read by every agent, must not be
+  computed after it (on the client benchmark, all 16 personas before the answers turned
+  15 of 16 agents' first tokens)."""
+  persona = {i: seg(f"own{i}", 3) for i in range(3)}
+  rnd = Round([AgentPrompt(f"a{i}", [SYS, persona[i], HDR[0], OUT[0], seg(f"t{i}", 2, False)])
+               for i in range(3)])
+  have = {SYS.key, persona[0].key, persona[1].key}
+  plan = context_plan(rnd, have.__contains__, max_len=1000)
+  # own2 has no master and is computed where it was before: one prompt alone holds it
+  assert names(plan) == [[("system", False), ("own2", True), ("hdr0", True), ("out0", True)]]
+  have.add(persona[2].key)
+  assert names(context_plan(rnd, have.__contains__, max_len=1000)) == [
+      [("system", False), ("hdr0", True), ("out0", True)]]
+  alone = Round(rnd.prompts[:1])  # one prompt: all of its segments are its context
+  assert names(context_plan(alone, have.__contains__, max_len=1000)) == [
+      [("system", False), ("own0", False), ("hdr0", True), ("out0", True)]]
+
+
 def test_disagreeing_orders_follow_the_majority():
   rnd = round_of([[0, 1, 2], [0, 1, 2], [2, 1, 0]])
   plan = context_plan(rnd, lambda k: False, max_len=1000)

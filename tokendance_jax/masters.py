@@ -25,6 +25,7 @@ planning; `session` runs the prefills.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Callable, Sequence
 
@@ -110,18 +111,26 @@ def context_plan(rnd: Round, has_master: Callable[[str], bool],
   """The sequences that make every missing master of `rnd` in context.
 
   The round's shared segments in `consensus_order`; a segment with a master is
-  read (context), a segment without one is computed. Read-only segments after
-  the last computed one are dropped. When the sequence exceeds `max_len`
+  read (context), a segment without one is computed. A segment with a master that
+  only one of the round's prompts holds is left out: it is no other reader's context.
+  Read-only segments after the last computed one are dropped. When the sequence exceeds `max_len`
   tokens it is cut into windows that each restart after the round's common
   prefix (read from the first window's masters), so every position stays
   inside the model context. Empty when nothing is missing.
   """
   shared = rnd.shared_segments()
-  order = [shared[k] for k in consensus_order(shared_keys(rnd))]
+  keys = shared_keys(rnd)
+  order = [shared[k] for k in consensus_order(keys)]
   head = common_prefix(rnd)
   head_keys = {s.key for s in head}
   head_len = sum(len(s) for s in head)
-  rest = [s for s in order if s.key not in head_keys]
+  holders = collections.Counter(k for p in keys for k in set(p))
+  # a segment with a master that only one of several prompts holds (e.g. an agent's own
+  # persona, read exactly) is context for that prompt alone: kept out of the sequence
+  # whose masters the other prompts read, or its text would sit before them in theirs
+  own = {s.key for s in order
+         if len(rnd.prompts) > 1 and holders[s.key] == 1 and has_master(s.key)}
+  rest = [s for s in order if s.key not in head_keys and s.key not in own]
   windows, cur = [], list(head)
   size = head_len
   for seg in rest:
