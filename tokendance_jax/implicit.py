@@ -10,9 +10,10 @@ requests waiting when the server runs a prefill step and treats them as one roun
    when it has none and occurs twice or more among the step's prompts; the others are
    private. Chunks shorter than `min_len` stay private, except the prompt's head
    (the first message's start): shared, its master is exact, so the system prompt's
-   masters after it are too, and the check and the selection skip them. Chunks ending in the last
-   `private_tail` tokens are always private: the tokens nearest the generation weigh
-   most on it (the client benchmark's outputs diverged at 10% recompute without it).
+   masters after it are too, and the check and the selection skip them. Chunks
+   ending in the last `private_tail` tokens are always private: the tokens nearest
+   the generation weigh most on it (the client benchmark's outputs diverged at 10%
+   recompute without it).
    Marked prompts bring their own segments.
 2. the collective step (`RoundSession.prefill_wave` on the server engine's own pool):
    masters for the shared chunks that have none, made once in context, then the KV
@@ -22,8 +23,8 @@ requests waiting when the server runs a prefill step and treats them as one roun
    before it is) becomes one; the registry shares its pages. Such a master was
    computed after its request's own tokens, so it serves only a later prompt holding
    those same tokens before it (e.g. the next request with the same system prompt);
-   another prompt computes the chunk itself. Each agent is adopted by the engine, which decodes it
-   continuously batched with every other request.
+   another prompt computes the chunk itself. Each agent is adopted by the engine,
+   which decodes it continuously batched with every other request.
 
 `release` drops an agent's table when its request ends. Masters stay until the pool
 runs short; then those no table reads are evicted, least recently used first.
@@ -123,9 +124,9 @@ def segments(requests: list[Request], lookup, cfg: ChunkConfig,
     for i, (a, b) in enumerate(sp):
       tokens = tuple(r.ids[a:b])
       key = segment_key(tokens)
-      # a short chunk is not worth a page of its own, except the prompt's head (e.g. the
-      # template's first marker): shared, its master is exact, and so is every master
-      # after it made in that same context (the check and the selection skip them)
+      # a short chunk is not worth a page of its own, except the prompt's head (the first
+      # message's start): shared, its master is exact, and so is every master after it
+      # made in that same context (the check and the selection skip them)
       shared = (i < len(sp) - 1 and b <= len(r.ids) - private_tail
                 and (b - a >= cfg.min_len or a == 0))
       if shared:

@@ -113,10 +113,10 @@ def context_plan(rnd: Round, has_master: Callable[[str], bool],
   The round's shared segments in `consensus_order`; a segment with a master is
   read (context), a segment without one is computed. A segment with a master that
   only one of the round's prompts holds is left out: it is no other reader's context.
-  Read-only segments after the last computed one are dropped. When the sequence exceeds `max_len`
-  tokens it is cut into windows that each restart after the round's common
-  prefix (read from the first window's masters), so every position stays
-  inside the model context. Empty when nothing is missing.
+  Read-only segments after the last computed one are dropped. When the sequence
+  exceeds `max_len` tokens it is cut into windows that each restart after the
+  round's common prefix (read from the first window's masters), so every position
+  stays inside the model context. Empty when nothing is missing.
   """
   shared = rnd.shared_segments()
   keys = shared_keys(rnd)
